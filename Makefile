@@ -1,0 +1,33 @@
+# One venv in .venv; every target below uses it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: test lint bench demo clean
+
+$(BIN)/latency-sidecar: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[speed,test,dev]'
+	touch $@
+
+## test: create the venv, install, run the whole suite
+test: $(BIN)/latency-sidecar
+	$(BIN)/pytest -q
+
+## lint: ruff and mypy
+lint: $(BIN)/latency-sidecar
+	$(BIN)/ruff check sidecar tests bench
+	$(BIN)/ruff format --check sidecar tests bench
+	$(BIN)/mypy
+
+## demo: the embedded gateway + sidecar + traffic, live table
+demo: $(BIN)/latency-sidecar
+	$(BIN)/latency-sidecar demo
+
+## bench: the overhead benchmark (needs nginx and wrk: see bench/README.md)
+bench: $(BIN)/latency-sidecar
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,77 @@
+"""The admin listener: health, readiness, and the JSON/metrics views of the observers.
+
+Each view is a plain callable handed in by the server; this module only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .proxy import Proxy
+
+JsonView = Callable[[], dict[str, Any]]
+MetricsView = Callable[[web.Request], Awaitable[web.Response]]
+
+
+class UpstreamProbe:
+    """Is the upstream accepting TCP connections? Cached for one second."""
+
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self._host, self._port, self._timeout = host, port, timeout
+        self._checked_at = -1e9
+        self._ok = False
+        self._lock = asyncio.Lock()
+
+    async def ok(self) -> bool:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if loop.time() - self._checked_at < 1.0:
+                return self._ok
+            try:
+                async with asyncio.timeout(self._timeout):
+                    _, writer = await asyncio.open_connection(self._host, self._port)
+                writer.close()
+                self._ok = True
+            except (OSError, TimeoutError):
+                self._ok = False
+            self._checked_at = loop.time()
+            return self._ok
+
+
+def build_admin_app(
+    proxy: Proxy,
+    probe: UpstreamProbe,
+    *,
+    json_views: dict[str, JsonView] | None = None,
+    metrics: MetricsView | None = None,
+) -> web.Application:
+    app = web.Application()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if proxy.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        if not await probe.ok():
+            return web.json_response({"status": "upstream unavailable"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    for path, view in (json_views or {}).items():
+        app.router.add_get(path, _json_handler(view))
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _json_handler(view: JsonView) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(_: web.Request) -> web.Response:
+        return web.json_response(view())
+
+    return handler

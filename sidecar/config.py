@@ -1,0 +1,249 @@
+"""Settings: every ``SIDECAR_*`` variable of the SPEC, parsed and validated once at start.
+
+`load_settings` is the only entry point: it returns a frozen `Settings` or raises
+`ConfigError` whose message names the offending variable(s). The CLI turns that into
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import socket
+from itertools import pairwise
+from typing import Annotated, Any, Literal, NamedTuple
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "SIDECAR_"
+MIN_PROFILING_TOKEN_LEN = 32
+DEFAULT_BUCKETS = "0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10,30,60,120,300,600"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the variable."""
+
+
+class HostPort(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(value: str) -> HostPort:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all interfaces). Port 0 = ephemeral."""
+    text = value.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\s\[\]]*):(\d{1,5})", text)
+    if not m:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ValueError(f"port {port} out of range 0..65535")
+    return HostPort(host, port)
+
+
+def _split(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list | tuple):
+        return [str(v).strip() for v in value]
+    raise ValueError("expected a comma-separated list")
+
+
+def _check_http_url(value: str) -> str:
+    m = re.fullmatch(r"(https?)://([^/\s?#]+)(/[^\s]*)?", value.strip())
+    if not m:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value.strip().rstrip("/")
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """The effective configuration. Field ``x`` is variable ``SIDECAR_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", case_sensitive=False
+    )
+
+    upstream_url: str
+    listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8000")
+    admin_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:9901")
+    upstream_timeout_s: float = Field(60.0, gt=0)
+    windows_s: Annotated[list[int], NoDecode] = [60, 300]
+    p95_threshold_ms: float = Field(100.0, gt=0)
+    p99_threshold_ms: float = Field(250.0, gt=0)
+    min_samples: int = Field(20, ge=1)
+    eval_interval_s: float = Field(5.0, gt=0)
+    slow_request_ms: float = Field(1000.0, gt=0)
+    routes: CommaList = []
+    max_routes: int = Field(100, ge=1)
+    redis_url: str = ""
+    redis_stream: str = Field("sidecar:events", min_length=1)
+    redis_maxlen: int = Field(100_000, ge=1)
+    event_buffer: int = Field(10_000, ge=1)
+    webhook_urls: CommaList = []
+    webhook_format: Literal["json", "alertmanager"] = "json"
+    webhook_secret: SecretStr = SecretStr("")
+    alertmanager_url: str = ""
+    buckets_s: Annotated[list[float], NoDecode] = [float(b) for b in DEFAULT_BUCKETS.split(",")]
+    target_pid: int | None = Field(None, ge=1)
+    target_name: str = ""
+    profiling_enabled: bool = False
+    profiling_listen: Annotated[HostPort, NoDecode] = parse_host_port("127.0.0.1:6060")
+    profiling_token: SecretStr = SecretStr("")
+    shutdown_grace_s: float = Field(20.0, ge=0)
+    instance: str = Field(default_factory=socket.gethostname, min_length=1)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        return _check_http_url(v)
+
+    @field_validator("alertmanager_url", "redis_url")
+    @classmethod
+    def _optional_url(cls, v: str, info: Any) -> str:
+        v = v.strip()
+        if not v:
+            return ""
+        if info.field_name == "redis_url":
+            if not re.fullmatch(r"(redis|rediss|unix)://\S+", v):
+                raise ValueError("expected redis://, rediss:// or unix:// URL")
+            return v
+        return _check_http_url(v)
+
+    @field_validator("webhook_urls", mode="before")
+    @classmethod
+    def _webhooks(cls, v: Any) -> list[str]:
+        return [_check_http_url(u) for u in _split(v)]
+
+    @field_validator("routes", mode="before")
+    @classmethod
+    def _routes(cls, v: Any) -> list[str]:
+        routes = _split(v)
+        for r in routes:
+            if not r.startswith("/"):
+                raise ValueError(f"route template {r!r} must start with '/'")
+        return routes
+
+    @field_validator("listen", "admin_listen", "profiling_listen", mode="before")
+    @classmethod
+    def _host_port(cls, v: Any) -> HostPort:
+        return v if isinstance(v, HostPort) else parse_host_port(str(v))
+
+    @field_validator("windows_s", mode="before")
+    @classmethod
+    def _windows(cls, v: Any) -> list[int]:
+        try:
+            windows = sorted({int(w) for w in _split(v)})
+        except ValueError as exc:
+            raise ValueError("expected whole seconds, e.g. 60,300") from exc
+        if not windows or windows[0] < 1:
+            raise ValueError("need at least one window of >= 1 s")
+        return windows
+
+    @field_validator("buckets_s", mode="before")
+    @classmethod
+    def _buckets(cls, v: Any) -> list[float]:
+        try:
+            buckets = [float(b) for b in _split(v)]
+        except ValueError as exc:
+            raise ValueError("expected numbers in seconds, e.g. 0.005,0.01,0.1") from exc
+        if not buckets or any(b <= 0 for b in buckets):
+            raise ValueError("buckets must be positive")
+        if any(a >= b for a, b in pairwise(buckets)):
+            raise ValueError("buckets must be strictly increasing")
+        return buckets
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        raw = v.get_secret_value()
+        if raw:
+            if not raw.startswith("whsec_"):
+                raise ValueError("expected whsec_<base64>")
+            try:
+                key = base64.b64decode(raw[len("whsec_") :], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError("the part after whsec_ is not valid base64") from exc
+            if len(key) < 16:
+                raise ValueError("key too short (need >= 16 bytes)")
+        return v
+
+    @model_validator(mode="after")
+    def _profiling(self) -> Settings:
+        token = self.profiling_token.get_secret_value()
+        if self.profiling_enabled and len(token) < MIN_PROFILING_TOKEN_LEN:
+            raise ValueError(
+                f"SIDECAR_PROFILING_TOKEN: profiling is enabled, so a token of >= "
+                f"{MIN_PROFILING_TOKEN_LEN} characters is required"
+            )
+        return self
+
+    @property
+    def breach_window_s(self) -> int:
+        """Breaches are judged on the shortest window."""
+        return self.windows_s[0]
+
+    def masked(self) -> dict[str, str]:
+        """Effective settings as ``SIDECAR_X -> text``, secrets masked."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = "********" if value.get_secret_value() else ""
+            elif isinstance(value, list):
+                text = ",".join(_fmt(v) for v in value)
+            elif value is None:
+                text = ""
+            else:
+                text = _fmt(value)
+            if name in ("redis_url", "alertmanager_url") or name == "webhook_urls":
+                text = re.sub(r"//([^/@\s]*)@", "//****@", text)
+            out[ENV_PREFIX + name.upper()] = text
+        return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment, CLI overrides winning. Raises ConfigError."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if loc:
+            var = ENV_PREFIX + loc[0].upper()
+            if err["type"] == "missing":
+                msg = "is required"
+            lines.append(f"{var}: {msg}")
+        else:
+            lines.append(msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)

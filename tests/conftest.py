@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sidecar.config import Settings, load_settings
+from sidecar.record import TimingRecord
+from sidecar.server import Sidecar
+
+from .upstream import Upstream
+
+pytest_plugins = ["tests.redis_fixture"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def serve_app(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{bound}"
+    finally:
+        await runner.cleanup()
+
+
+class Records:
+    """An observer that keeps every record and lets tests wait for them."""
+
+    def __init__(self) -> None:
+        self.items: list[TimingRecord] = []
+        self._changed = asyncio.Event()
+
+    def observe(self, record: TimingRecord) -> None:
+        self.items.append(record)
+        self._changed.set()
+
+    async def wait_for(self, n: int, timeout: float = 10) -> list[TimingRecord]:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.items
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    up = Upstream()
+    async with serve_app(up.app()) as url:
+        yield up, url
+
+
+SidecarFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_sidecar() -> AsyncIterator[SidecarFactory]:
+    started: list[Sidecar] = []
+
+    async def factory(upstream_url: str, **overrides: Any) -> Sidecar:
+        settings: Settings = load_settings(
+            upstream_url=upstream_url,
+            listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            instance="test-pod",
+            **overrides,
+        )
+        sc = Sidecar(settings)
+        await sc.start()
+        started.append(sc)
+        return sc
+
+    yield factory
+    for sc in started:
+        sc.settings = sc.settings.model_copy(update={"shutdown_grace_s": 0.5})
+        await sc.shutdown()
+
+
+@pytest.fixture
+async def proxied(
+    upstream: tuple[Upstream, str], make_sidecar: SidecarFactory
+) -> AsyncIterator[tuple[Upstream, Sidecar, Records, aiohttp.ClientSession, str]]:
+    up, url = upstream
+    sc = await make_sidecar(url)
+    records = Records()
+    sc.proxy.add_observer(records)
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        yield up, sc, records, client, f"http://127.0.0.1:{sc.proxy_port}"

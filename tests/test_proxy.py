@@ -1,0 +1,291 @@
+"""Proxy fidelity against a real upstream server (issue 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+
+import aiohttp
+import psutil
+import pytest
+from multidict import CIMultiDict
+
+from .conftest import free_port
+from .upstream import GZIP_BODY
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
+async def test_every_method_and_query_forwarded(proxied, method):
+    up, _, _, client, base = proxied
+    body = b"" if method in ("GET", "OPTIONS") else b"payload-" + method.encode()
+    async with client.request(method, f"{base}/echo/a%2Fb?x=1&y=%20z", data=body) as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["method"] == method
+    assert doc["path_qs"] == "/echo/a%2Fb?x=1&y=%20z"  # raw path, byte for byte
+    assert doc["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_binary_body_roundtrip_and_content_length_kept(proxied):
+    up, _, _, client, base = proxied
+    body = os.urandom(300_000)
+    async with client.post(f"{base}/echo", data=body) as r:
+        doc = await r.json()
+        assert r.headers["Content-Length"] == str(len(await r.read()))
+    assert doc["sha256"] == hashlib.sha256(body).hexdigest()
+    headers = CIMultiDict(up.seen[-1]["headers"])
+    assert headers["Content-Length"] == str(len(body))
+    assert not up.seen[-1]["chunked"]
+
+
+async def test_chunked_request_body_stays_chunked(proxied):
+    up, _, _, client, base = proxied
+
+    async def gen():
+        for i in range(10):
+            yield f"chunk-{i}|".encode()
+
+    async with client.post(f"{base}/echo", data=gen()) as r:
+        doc = await r.json()
+    expected = b"".join(f"chunk-{i}|".encode() for i in range(10))
+    assert doc["sha256"] == hashlib.sha256(expected).hexdigest()
+    assert up.seen[-1]["chunked"]
+
+
+async def test_chunked_response_is_streamed_chunked(proxied):
+    _, _, _, client, base = proxied
+    async with client.get(f"{base}/chunked") as r:
+        assert r.headers.get("Transfer-Encoding") == "chunked"
+        assert "Content-Length" not in r.headers
+        assert await r.read() == b"part-0;part-1;part-2;part-3;part-4;"
+
+
+async def test_large_transfers_are_streamed_not_buffered(proxied):
+    """64 MiB each way through the proxy; the process's RSS must not grow by that much."""
+    _, _, _, client, base = proxied
+    size = 64 * 1024 * 1024
+    proc = psutil.Process()
+    baseline = proc.memory_info().rss
+    peak = baseline
+    done = asyncio.Event()
+
+    async def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    block = os.urandom(1 << 16)
+    h = hashlib.sha256()
+
+    async def upload():
+        for _ in range(size // len(block)):
+            h.update(block)
+            yield block
+
+    async with client.post(f"{base}/hash", data=upload()) as r:
+        doc = await r.json()
+    assert doc == {"len": size, "sha256": h.hexdigest()}
+
+    got = 0
+    async with client.get(f"{base}/download/{size}") as r:
+        assert r.headers["Content-Length"] == str(size)
+        async for chunk in r.content.iter_chunked(1 << 16):
+            got += len(chunk)
+    done.set()
+    await sampler
+    assert got == size
+    assert peak - baseline < 40 * 1024 * 1024, f"RSS grew by {(peak - baseline) >> 20} MiB"
+
+
+async def test_repeated_headers_kept(proxied):
+    _, _, _, client, base = proxied
+    async with client.get(f"{base}/cookies") as r:
+        assert r.headers.getall("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+        assert r.headers.getall("X-Multi") == ["one", "two"]
+
+
+async def test_gzip_passes_through_compressed(proxied):
+    _, _, _, client, base = proxied
+    async with client.get(f"{base}/gzip", headers={"Accept-Encoding": "gzip"}) as r:
+        assert r.headers["Content-Encoding"] == "gzip"
+        raw = await r.read()
+    assert raw == GZIP_BODY
+    assert gzip.decompress(raw).startswith(b'{"hello"')
+
+
+async def test_hop_by_hop_headers_dropped_both_ways(proxied):
+    up, _, _, client, base = proxied
+    headers = {
+        "Connection": "keep-alive, X-Drop-Me",
+        "X-Drop-Me": "1",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+        "X-Keep": "yes",
+    }
+    async with client.get(f"{base}/hop", headers=headers) as r:
+        assert r.status == 200
+        assert r.headers["X-Public"] == "yes"
+        for name in ("X-Private", "Keep-Alive", "Proxy-Authenticate"):
+            assert name not in r.headers
+    seen = {k.lower(): v for k, v in up.seen[-1]["headers"]}
+    assert seen["x-keep"] == "yes"
+    for name in ("x-drop-me", "keep-alive", "te", "proxy-authorization"):
+        assert name not in seen
+    # the proxy-to-upstream connection's own Connection header is aiohttp's, not ours
+    assert "x-drop-me" not in seen.get("connection", "").lower()
+
+
+async def test_forwarded_headers_and_request_id(proxied):
+    up, _, _, client, base = proxied
+    async with client.get(f"{base}/echo", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+        assigned = r.headers["X-Request-Id"]
+    seen = CIMultiDict(up.seen[-1]["headers"])
+    assert seen["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == base.removeprefix("http://")
+    assert seen["Host"] == base.removeprefix("http://")  # Host preserved, as Envoy does
+    assert seen["X-Request-Id"] == assigned
+    assert len(assigned) == 36  # a UUID
+
+    async with client.get(f"{base}/echo", headers={"X-Request-Id": "req-abc"}) as r:
+        assert r.headers["X-Request-Id"] == "req-abc"
+    assert CIMultiDict(up.seen[-1]["headers"])["X-Request-Id"] == "req-abc"
+
+
+async def test_sse_event_reaches_client_before_upstream_sends_the_rest(proxied):
+    up, _, records, client, base = proxied
+    async with client.get(f"{base}/sse") as r:
+        assert r.headers["Content-Type"] == "text/event-stream"
+        # The upstream holds the rest of the stream until we saw the first event: if the
+        # proxy buffered, this read would time out.
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+        assert first == b"data: first\n\n"
+        up.sse_gate.set()
+        rest = await r.read()
+    assert rest.endswith(b"data: [DONE]\n\n")
+    (rec,) = await records.wait_for(1)
+    assert rec.stream is True
+    assert rec.first_byte_at is not None and rec.first_byte_at < rec.end
+
+
+async def test_hundreds_of_concurrent_slow_requests(proxied):
+    up, _, _, client, base = proxied
+    n = 300
+    up.expect_arrivals = n
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as many:
+        tasks = [asyncio.create_task(many.get(f"{base}/hold")) for _ in range(n)]
+        # all n must be in the upstream at once: nothing queues in the proxy
+        await asyncio.wait_for(up.arrived_event.wait(), 20)
+        up.release.set()
+        responses = await asyncio.gather(*tasks)
+        assert [r.status for r in responses] == [200] * n
+        for r in responses:
+            r.release()
+
+
+async def test_502_fast_when_nothing_listens(make_sidecar):
+    sc = await make_sidecar(f"http://127.0.0.1:{free_port()}")
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as client:
+        t0 = loop.time()
+        async with client.get(f"http://127.0.0.1:{sc.proxy_port}/x") as r:
+            body = await r.json()
+        assert loop.time() - t0 < 1.0
+    assert r.status == 502
+    assert body["error"]["type"] == "upstream_connect"
+    assert r.headers["X-Request-Id"]
+
+
+async def test_504_at_the_timeout(upstream, make_sidecar):
+    _, url = upstream
+    sc = await make_sidecar(url, upstream_timeout_s=0.3)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as client:
+        t0 = loop.time()
+        async with client.get(f"http://127.0.0.1:{sc.proxy_port}/hang") as r:
+            body = await r.json()
+        elapsed = loop.time() - t0
+    assert r.status == 504
+    assert body["error"]["type"] == "upstream_timeout"
+    assert 0.3 <= elapsed < 2.0
+
+
+async def test_client_disconnect_cancels_upstream(proxied):
+    up, _, records, _, base = proxied
+    async with aiohttp.ClientSession() as own:
+        task = asyncio.create_task(own.get(f"{base}/hang"))
+        await asyncio.wait_for(up.started.wait(), 5)
+        task.cancel()
+    await asyncio.wait_for(up.cancelled.wait(), 5)
+    (rec,) = await records.wait_for(1)
+    assert rec.error == "client_disconnect"
+
+
+async def test_head_204_304(proxied):
+    _, _, _, client, base = proxied
+    async with client.head(f"{base}/download/1234") as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == "1234"
+        assert await r.read() == b""
+    async with client.get(f"{base}/status/204") as r:
+        assert r.status == 204
+        assert await r.read() == b""
+    async with client.get(f"{base}/status/304") as r:
+        assert r.status == 304
+        assert r.headers["ETag"] == '"v1"'
+
+
+async def test_expect_100_continue(proxied):
+    """A raw client that waits for 100 Continue before sending its body."""
+    _, _, _, _, base = proxied
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b'{"x": 1}'
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_websocket_upgrade_gets_clear_501(proxied):
+    _, _, _, client, base = proxied
+    with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+        await asyncio.wait_for(client.ws_connect(f"{base}/ws"), 5)
+    assert exc.value.status == 501
+
+
+async def test_timing_record(proxied):
+    _, _, records, client, base = proxied
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with client.post(
+        f"{base}/echo/123?q=1", data=b"12345", headers={"traceparent": tp, "X-Request-Id": "r1"}
+    ) as r:
+        await r.read()
+    (rec,) = await records.wait_for(1)
+    assert rec.method == "POST"
+    assert rec.route == "/echo/{id}"
+    assert rec.status == 200
+    assert rec.bytes_in == 5 and rec.bytes_out > 0
+    assert rec.request_id == "r1"
+    assert rec.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert rec.error is None and rec.stream is False
+    assert rec.headers_at is not None and rec.first_byte_at is not None
+    assert rec.start <= rec.headers_at <= rec.first_byte_at <= rec.end
+    with pytest.raises(AttributeError):
+        rec.status = 500  # type: ignore[misc]
+    assert json.dumps(rec._asdict())
