@@ -131,7 +131,7 @@ class Proxy:
             if self.draining:
                 response.force_close()
             return response
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:  # client disconnected before the response began
             state.error = CLIENT_DISCONNECT
             state.status = 499
             raise
@@ -223,13 +223,18 @@ class Proxy:
             )
             if self.draining:
                 response.force_close()
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     if state.first_byte_at is None:
                         state.first_byte_at = _perf()
                     state.bytes_out += len(chunk)
                     await response.write(chunk)
+            except ConnectionResetError:
+                # the client went away mid-response; aiohttp finishes quietly with this
+                state.error = CLIENT_DISCONNECT
+                state.status = 499
+                return response
             except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
                 # Headers are gone already: the only honest signal left is to cut the
                 # client connection so it sees a truncated response.
