@@ -8,7 +8,8 @@ rounds so machine noise hits every configuration alike:
   sidecar  - `latency-sidecar run` with everything on (percentiles, metrics, breach
              evaluation, Redis sink)
 Each proxy is pinned to CPU 1 and the load generators to CPU 0. Max throughput comes
-from wrk; latency at fixed rates from wrk too, paced by its delay() hook; CPU time per request from the proxy process's own counters.
+from wrk; latency at fixed rates from wrk too, paced by its delay() hook; CPU time
+per request from the proxy process's own counters.
 
     python bench/overhead.py [--rounds 3] [--duration 5] [--rates 500,2000]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -57,6 +59,68 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    setup_logging("warning", "text")
+    try:
+        return run_async(
+            run_demo(
+                duration=args.duration,
+                rps=args.rps,
+                refresh_s=args.refresh,
+                listen=args.listen,
+                admin_listen=args.admin_listen,
+            )
+        )
+    finally:
+        flush_logging()
+
+
+def cmd_demo_gateway(args: argparse.Namespace) -> int:
+    from .config import parse_host_port
+    from .demo.gateway import serve_gateway
+
+    where = parse_host_port(args.listen)
+    setup_logging("info", "json")
+
+    async def main() -> int:
+        runner = await serve_gateway(where.host, where.port, seed=args.seed)
+        print(f"demo gateway listening on {where}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        return 0
+
+    return run_async(main())
+
+
+def cmd_demo_traffic(args: argparse.Namespace) -> int:
+    from .demo.traffic import Traffic
+
+    async def main() -> int:
+        traffic = Traffic(args.target, rps=args.rps)
+        task = asyncio.create_task(traffic.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            if args.duration:
+                await asyncio.wait_for(asyncio.shield(task), args.duration)
+            else:
+                await task
+        task.cancel()
+        return 0
+
+    try:
+        return run_async(main())
+    except TimeoutError:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latency-sidecar",
@@ -73,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the sidecar (configured by SIDECAR_* variables)")
     overrides(run)
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser(
+        "demo", help="demo gateway + sidecar + traffic with a live percentile table"
+    )
+    demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    demo.add_argument("--rps", type=float, default=40, help="demo traffic rate (default 40)")
+    demo.add_argument("--refresh", type=float, default=2.0, help=argparse.SUPPRESS)
+    demo.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT")
+    demo.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    demo.set_defaults(func=cmd_demo)
+
+    gw = sub.add_parser("demo-gateway", help="run only the demo AI gateway (for compose)")
+    gw.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
+    gw.add_argument("--seed", type=int, default=None)
+    gw.set_defaults(func=cmd_demo_gateway)
+
+    tr = sub.add_parser("demo-traffic", help="send demo traffic to a URL (for compose)")
+    tr.add_argument("--target", required=True, metavar="URL")
+    tr.add_argument("--rps", type=float, default=40)
+    tr.add_argument("--duration", type=float, default=None)
+    tr.set_defaults(func=cmd_demo_traffic)
 
     check = sub.add_parser("check-config", help="validate the environment, print settings")
     overrides(check)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
@@ -21,6 +20,7 @@ from .config import Settings
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
+    new_request_id,
     strip_hop_by_hop,
     trace_id_of,
     upstream_request_headers,
@@ -118,7 +118,7 @@ class Proxy:
         wall = _wall()
         self.in_flight += 1
         headers = request.headers
-        request_id = headers.get(X_REQUEST_ID) or str(uuid.uuid4())
+        request_id = headers.get(X_REQUEST_ID) or new_request_id()
         route = self._labeler.label(request.path)
         state = _Exchange()
         try:
@@ -142,7 +142,9 @@ class Proxy:
             self._emit(
                 TimingRecord(
                     start,
+                    state.sent_at,
                     state.headers_at,
+                    state.upstream_end,
                     state.first_byte_at,
                     _perf(),
                     wall,
@@ -186,6 +188,7 @@ class Proxy:
         )
         body = _body_iter(request, state) if request.body_exists else None
         url = URL(self._base + request.raw_path, encoded=True)
+        state.sent_at = _perf()
         try:
             async with asyncio.timeout(self._timeout):
                 upstream = await session.request(
@@ -230,6 +233,7 @@ class Proxy:
                         state.first_byte_at = _perf()
                     state.bytes_out += len(chunk)
                     await response.write(chunk)
+                state.upstream_end = _perf()
             except ConnectionResetError:
                 # the client went away mid-response; aiohttp finishes quietly with this
                 state.error = CLIENT_DISCONNECT
@@ -256,11 +260,15 @@ class _Exchange:
         "error",
         "first_byte_at",
         "headers_at",
+        "sent_at",
         "status",
         "stream",
+        "upstream_end",
     )
 
     def __init__(self) -> None:
+        self.sent_at: float | None = None
+        self.upstream_end: float | None = None
         self.headers_at: float | None = None
         self.first_byte_at: float | None = None
         self.status = 0

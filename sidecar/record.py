@@ -14,7 +14,9 @@ class TimingRecord(NamedTuple):
     """Immutable; times are `time.perf_counter()` seconds, `wall` is `time.time()`."""
 
     start: float
+    sent_at: float | None  # request handed to the upstream connection
     headers_at: float | None  # upstream response headers arrived
+    upstream_end: float | None  # upstream response body fully read
     first_byte_at: float | None  # first response body byte sent to the client
     end: float
     wall: float  # wall-clock time at start, for events
@@ -40,9 +42,19 @@ class TimingRecord(NamedTuple):
         return self.end - self.start
 
     @property
-    def upstream_wait(self) -> float:
-        """Time spent waiting on the upstream for its headers (0 if none came)."""
-        return 0.0 if self.headers_at is None else self.headers_at - self.start
+    def upstream_header_wait(self) -> float | None:
+        """From handing the request over to the upstream's response headers."""
+        if self.headers_at is None or self.sent_at is None:
+            return None
+        return self.headers_at - self.sent_at
+
+    @property
+    def overhead(self) -> float | None:
+        """Time the sidecar itself added: the total minus the time spent waiting on the
+        upstream (from handing the request over until its body was fully read)."""
+        if self.sent_at is None or self.upstream_end is None:
+            return None
+        return max(0.0, (self.sent_at - self.start) + (self.end - self.upstream_end))
 
 
 class Observer(Protocol):

@@ -14,6 +14,9 @@ from yarl import URL
 
 from .admin import UpstreamProbe, build_admin_app
 from .config import HostPort, Settings
+from .exposition import metrics_handler
+from .metrics import Metrics, QuantileCollector, RequestMetrics
+from .percentiles import Percentiles
 from .proxy import Proxy
 from .routes import RouteLabeler
 
@@ -30,7 +33,13 @@ class Sidecar:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.labeler = RouteLabeler(settings.routes, settings.max_routes)
-        self.proxy = Proxy(settings, self.labeler)
+        self.percentiles = Percentiles(settings.windows_s)
+        self.metrics = Metrics(settings.buckets_s)
+        self.proxy = Proxy(
+            settings, self.labeler, observers=[self.percentiles, RequestMetrics(self.metrics)]
+        )
+        self.metrics.in_flight.set_function(lambda: self.proxy.in_flight)
+        self.metrics.registry.register(QuantileCollector(lambda: self.percentiles.last_snapshot))
         upstream = URL(settings.upstream_url)
         self.probe = UpstreamProbe(upstream.host or "127.0.0.1", upstream.port or 80)
         self._runners: list[web.BaseRunner] = []
@@ -41,10 +50,19 @@ class Sidecar:
         self.admin_port = 0
 
     def admin_app(self) -> web.Application:
-        return build_admin_app(self.proxy, self.probe)
+        return build_admin_app(
+            self.proxy,
+            self.probe,
+            json_views={"/percentiles": lambda: self.percentiles.snapshot().as_json()},
+            metrics=metrics_handler(self.metrics.registry, self.percentiles.snapshot),
+        )
+
+    def active_breach_names(self) -> list[str]:
+        return []
 
     async def start(self) -> None:
         await self.proxy.start()
+        self.spawn(self.percentiles.run(), "percentile-ticker")
         server = web.Server(
             self.proxy.handle,
             handler_cancellation=True,  # client gone -> its upstream request is cancelled

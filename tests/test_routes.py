@@ -45,3 +45,15 @@ def test_hostile_paths_do_not_grow_memory():
         lab.label(f"/x/{i}/y{i}z")
     assert len(lab._cache) <= 10_000
     assert len(lab.labels) <= 5
+
+
+def test_request_ids_are_valid_v4_uuids_and_unique():
+    import uuid
+
+    from sidecar.forwarding import new_request_id
+
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for rid in list(ids)[:100]:
+        u = uuid.UUID(rid)
+        assert u.version == 4 and u.variant == uuid.RFC_4122 and str(u) == rid

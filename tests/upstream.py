@@ -25,6 +25,7 @@ class Upstream:
         self.started = asyncio.Event()
         self.sse_gate = asyncio.Event()
         self.delays: list[float] = []
+        self.durations: list[float] = []  # the upstream's own handling time of /sleep
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
@@ -41,6 +42,7 @@ class Upstream:
         r.add_get("/hang", self.hang)
         r.add_get("/status/{code}", self.status)
         r.add_get("/sleep/{ms}", self.sleep)
+        r.add_get("/slow-stream/{ms}", self.slow_stream)
         r.add_route("*", "/v1/{tail:.*}", self.sleep_default)
         return app
 
@@ -159,8 +161,20 @@ class Upstream:
         return web.Response(status=code, headers=headers)
 
     async def sleep(self, request: web.Request) -> web.Response:
+        t0 = asyncio.get_running_loop().time()
         await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        self.durations.append(asyncio.get_running_loop().time() - t0)
         return web.json_response({"slept_ms": int(request.match_info["ms"])})
+
+    async def slow_stream(self, request: web.Request) -> web.StreamResponse:
+        """First event at once, the rest after ``ms`` milliseconds."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await asyncio.sleep(int(request.match_info["ms"]) / 1000)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def sleep_default(self, request: web.Request) -> web.Response:
         await request.read()

@@ -1,0 +1,1 @@
+"""The zero-install demo: a fake AI gateway, traffic, and a live terminal table."""

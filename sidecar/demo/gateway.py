@@ -1,0 +1,138 @@
+"""A demo AI gateway with OpenAI-like routes and realistic latency.
+
+Latencies are lognormal with a slow tail; a small share of requests fail. Streaming
+chat answers token by token over SSE, its first token after a "time to first token".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+import uuid
+
+from aiohttp import web
+
+MODELS = ["gpt-demo-mini", "gpt-demo-large", "embed-demo-small"]
+
+
+def _lognormal_s(rng: random.Random, median_ms: float, sigma: float) -> float:
+    return rng.lognormvariate(math.log(median_ms / 1000), sigma)
+
+
+class DemoGateway:
+    def __init__(self, seed: int | None = None, error_rate: float = 0.01) -> None:
+        self.rng = random.Random(seed)
+        self.error_rate = error_rate
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def _delay(self, median_ms: float, sigma: float) -> float:
+        delay = _lognormal_s(self.rng, median_ms, sigma)
+        if self.rng.random() < 0.03:  # the slow tail: cold cache, long prompt, busy GPU
+            delay *= self.rng.uniform(3, 8)
+        return delay
+
+    def _maybe_fail(self) -> web.Response | None:
+        if self.rng.random() < self.error_rate:
+            status = self.rng.choice([500, 502, 503, 429])
+            return web.json_response(
+                {"error": {"message": "demo failure", "type": "server_error"}}, status=status
+            )
+        return None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
+        model = body.get("model", MODELS[0])
+        if body.get("stream"):
+            return await self._chat_stream(request, model)
+        await asyncio.sleep(self._delay(60, 0.45))
+        if (failure := self._maybe_fail()) is not None:
+            return failure
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "Hello from the demo."},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+            }
+        )
+
+    async def _chat_stream(self, request: web.Request, model: str) -> web.StreamResponse:
+        await asyncio.sleep(self._delay(120, 0.4))  # time to first token
+        if (failure := self._maybe_fail()) is not None:
+            return failure
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        words = ["Streaming", "tokens", "one", "by", "one", "from", "the", "demo", "gateway"]
+        try:
+            await resp.prepare(request)
+            for i in range(self.rng.randint(8, 24)):
+                delta = {"content": words[i % len(words)] + " "}
+                chunk = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta}],
+                }
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await asyncio.sleep(_lognormal_s(self.rng, 15, 0.3))
+            await resp.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:  # the client stopped reading: nothing to finish
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(self._delay(25, 0.35))
+        if (failure := self._maybe_fail()) is not None:
+            return failure
+        vector = [round(self.rng.uniform(-1, 1), 4) for _ in range(16)]
+        return web.json_response(
+            {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}]}
+        )
+
+    async def models(self, _: web.Request) -> web.Response:
+        await asyncio.sleep(self._delay(3, 0.3))
+        return web.json_response(
+            {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
+        )
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in MODELS:
+            return web.json_response({"error": {"message": "no such model"}}, status=404)
+        return web.json_response({"id": name, "object": "model"})
+
+
+async def serve_gateway(host: str, port: int, seed: int | None = None) -> web.AppRunner:
+    runner = web.AppRunner(DemoGateway(seed).app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

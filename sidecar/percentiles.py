@@ -1,0 +1,149 @@
+"""Rolling latency percentiles per route label, for unary requests and streams.
+
+`observe` is the hot path: one bucket computation and two dict increments (the
+route and ``*``) into the current tick's sub-window. Once a second `tick` pushes the
+sub-windows into every rolling window. Queries read the running totals; their result
+is cached until the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .record import CLIENT_DISCONNECT, TimingRecord
+from .routes import ALL
+from .sketch import bucket_of
+from .window import RollingHistogram, SubWindow
+
+log = logging.getLogger(__name__)
+QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999)
+QUANTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p999_ms")
+Key = tuple[str, bool]  # (route label, stream)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """Percentiles of one window, in seconds."""
+
+    count: int
+    quantiles: tuple[float, ...]  # aligned with QUANTILES
+    max: float
+
+    def value(self, q: float) -> float:
+        return self.quantiles[QUANTILES.index(q)]
+
+    def as_json(self) -> dict[str, float | int]:
+        if not self.count:
+            return {}
+        doc: dict[str, float | int] = {"count": self.count}
+        for key, v in zip(QUANTILE_KEYS, self.quantiles, strict=True):
+            doc[key] = round(v * 1000, 3)
+        doc["max_ms"] = round(self.max * 1000, 3)
+        return doc
+
+
+EMPTY = WindowStats(0, tuple(math.nan for _ in QUANTILES), 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every (route, stream) -> {window_s -> WindowStats}, as of one tick."""
+
+    generated_at: float  # wall clock
+    windows_s: tuple[int, ...]
+    stats: dict[Key, dict[int, WindowStats]]
+
+    def as_json(self) -> dict[str, Any]:
+        routes: dict[str, Any] = {}
+        streams: dict[str, Any] = {}
+        for (route, stream), per_window in sorted(self.stats.items()):
+            (streams if stream else routes)[route] = {
+                str(w): s.as_json() for w, s in per_window.items()
+            }
+        return {
+            "generated_at": iso_ms(self.generated_at),
+            "windows_s": list(self.windows_s),
+            "routes": routes,
+            "streams": streams,
+        }
+
+
+def iso_ms(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+class Percentiles:
+    """The observer. Start `run()` as a background task to advance the windows."""
+
+    TICK_S = 1
+
+    def __init__(self, windows_s: list[int]) -> None:
+        self.windows_s = tuple(windows_s)
+        self._windows: dict[Key, list[RollingHistogram]] = {}
+        self._pending: dict[Key, SubWindow] = {}
+        self._snapshot: Snapshot | None = None  # last computed
+        self._fresh = False  # computed since the last tick
+
+    def observe(self, record: TimingRecord) -> None:
+        if record.error == CLIENT_DISCONNECT:
+            return  # never completed: no latency to speak of
+        seconds = record.latency
+        bucket = bucket_of(seconds)
+        pending = self._pending
+        stream = record.stream
+        for key in ((record.route, stream), (ALL, stream)):
+            sub = pending.get(key)
+            if sub is None:
+                sub = pending[key] = SubWindow()
+            sub.add(bucket, seconds)
+
+    def tick(self) -> None:
+        """Close the current sub-window: push it into every rolling window."""
+        pending, self._pending = self._pending, {}
+        for key in pending:
+            if key not in self._windows:
+                self._windows[key] = [RollingHistogram(w, self.TICK_S) for w in self.windows_s]
+        for key, windows in self._windows.items():
+            closed = pending.get(key)
+            for window in windows:
+                window.push(closed)
+        self._fresh = False
+
+    def snapshot(self) -> Snapshot:
+        """Percentiles of every route and window; cached until the next tick."""
+        snap = self._snapshot
+        if snap is None or not self._fresh:
+            stats: dict[Key, dict[int, WindowStats]] = {}
+            for key, windows in self._windows.items():
+                stats[key] = {
+                    w.window_s: (
+                        EMPTY
+                        if w.empty
+                        else WindowStats(w.count, tuple(w.quantiles(QUANTILES)), w.max)
+                    )
+                    for w in windows
+                }
+            snap = self._snapshot = Snapshot(time.time(), self.windows_s, stats)
+            self._fresh = True
+        return snap
+
+    @property
+    def last_snapshot(self) -> Snapshot | None:
+        """The last computed snapshot, never computing: safe from another thread."""
+        return self._snapshot
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.TICK_S
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += self.TICK_S
+            try:
+                self.tick()
+            except Exception:  # keep ticking: a bug here must not freeze percentiles
+                log.exception("percentile tick failed")
