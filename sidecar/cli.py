@@ -121,6 +121,34 @@ def cmd_demo_traffic(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    import os
+
+    from .reader import read_events
+
+    # only the Redis settings matter here: no upstream is needed to read events
+    settings = load_settings(
+        upstream_url=os.environ.get("SIDECAR_UPSTREAM_URL") or "http://127.0.0.1:1",
+        redis_url=args.redis_url,
+    )
+    if not settings.redis_url:
+        raise ConfigError("SIDECAR_REDIS_URL: is required to read events (or --redis-url)")
+    try:
+        return run_async(
+            read_events(
+                settings.redis_url,
+                settings.redis_stream,
+                count=args.count,
+                follow=args.follow,
+                as_json=args.json,
+                out=sys.stdout,
+            )
+        )
+    except OSError as exc:
+        print(f"latency-sidecar: cannot read events from Redis: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latency-sidecar",
@@ -158,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rps", type=float, default=40)
     tr.add_argument("--duration", type=float, default=None)
     tr.set_defaults(func=cmd_demo_traffic)
+
+    ev = sub.add_parser("events", help="read breach events back from the Redis Stream")
+    ev.add_argument("--count", type=int, default=20, help="newest N events (default 20)")
+    ev.add_argument("--follow", action="store_true", help="then wait for new ones")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
+    ev.add_argument("--redis-url", help="overrides SIDECAR_REDIS_URL")
+    ev.set_defaults(func=cmd_events)
 
     check = sub.add_parser("check-config", help="validate the environment, print settings")
     overrides(check)

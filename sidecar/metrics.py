@@ -81,6 +81,12 @@ class Metrics:
             ["type", "severity"],
             registry=reg,
         )
+        self.events_suppressed = Counter(
+            "sidecar_events_suppressed_total",
+            "Events not raised because of rate limiting (slow_request floods).",
+            ["type"],
+            registry=reg,
+        )
         self.deliveries = Counter(
             "sidecar_event_deliveries_total",
             "Event delivery attempts by sink and result (ok, retry, dropped).",

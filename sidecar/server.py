@@ -1,4 +1,8 @@
-"""Startup, main loop and shutdown: wires proxy -> observers -> sinks and the listeners."""
+"""Startup, main loop and shutdown: wires proxy -> observers -> sinks and the listeners.
+
+proxy --TimingRecord--> Percentiles, RequestMetrics, SlowRequests
+Percentiles --snapshot--> BreachDetector --Event--> EventBus --> sinks
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,26 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Coroutine
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from .admin import UpstreamProbe, build_admin_app
+from .breach import BreachDetector, SlowRequests
 from .config import HostPort, Settings
+from .events import EventBus
 from .exposition import metrics_handler
 from .metrics import Metrics, QuantileCollector, RequestMetrics
 from .percentiles import Percentiles
 from .proxy import Proxy
 from .routes import RouteLabeler
+from .sinks.alertmanager import AlertmanagerSink
+from .sinks.queue import QueuedSink
+from .sinks.redis_stream import RedisStreamSink
+from .sinks.webhook import WebhookSink
 
 log = logging.getLogger(__name__)
 
@@ -30,39 +41,104 @@ def _bound_port(runner: web.BaseRunner) -> int:
 class Sidecar:
     """One sidecar process's worth of components. `start()`, then `shutdown()`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, manual_clock: bool = False) -> None:
+        """``manual_clock``: do not start the percentile ticker and breach evaluation
+        loops; the caller drives `percentiles.tick()` and `detector.evaluate()`."""
         self.settings = settings
+        self.manual_clock = manual_clock
         self.labeler = RouteLabeler(settings.routes, settings.max_routes)
-        self.percentiles = Percentiles(settings.windows_s)
         self.metrics = Metrics(settings.buckets_s)
+        self.percentiles = Percentiles(settings.windows_s)
+        self.bus = EventBus(self.metrics)
+        self.detector = BreachDetector(settings, self.percentiles, self.bus, self.metrics)
         self.proxy = Proxy(
-            settings, self.labeler, observers=[self.percentiles, RequestMetrics(self.metrics)]
+            settings,
+            self.labeler,
+            observers=[
+                self.percentiles,
+                RequestMetrics(self.metrics),
+                SlowRequests(settings, self.bus, self.metrics),
+            ],
         )
         self.metrics.in_flight.set_function(lambda: self.proxy.in_flight)
         self.metrics.registry.register(QuantileCollector(lambda: self.percentiles.last_snapshot))
         upstream = URL(settings.upstream_url)
         self.probe = UpstreamProbe(upstream.host or "127.0.0.1", upstream.port or 80)
+        self.redis_sink: RedisStreamSink | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
         self._proxy_runner: web.ServerRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._on_shutdown: list[Callable[[float], Any]] = []
         self.proxy_port = 0
         self.admin_port = 0
+
+    def _build_sinks(self) -> list[QueuedSink]:
+        s = self.settings
+        sinks: list[QueuedSink] = []
+        if s.redis_url:
+            self.redis_sink = RedisStreamSink(s, self.metrics)
+            sinks.append(self.redis_sink)
+        if s.webhook_urls or s.alertmanager_url:
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        for url in s.webhook_urls:
+            assert self._session is not None
+            sinks.append(
+                WebhookSink(
+                    url,
+                    fmt=s.webhook_format,
+                    secret=s.webhook_secret.get_secret_value(),
+                    capacity=s.event_buffer,
+                    metrics=self.metrics,
+                    session=self._session,
+                )
+            )
+        if s.alertmanager_url:
+            assert self._session is not None
+            sinks.append(
+                AlertmanagerSink(
+                    s.alertmanager_url,
+                    capacity=s.event_buffer,
+                    metrics=self.metrics,
+                    session=self._session,
+                )
+            )
+        return sinks
+
+    def breaches_view(self) -> dict[str, Any]:
+        return {
+            "active": self.detector.active_json(),
+            "recent": [e.as_json() for e in reversed(self.bus.recent)],
+        }
+
+    def active_breach_names(self) -> list[str]:
+        return [
+            f"{a['route']} {'stream ' if a['stream'] else ''}{a['quantile']}={a['value_ms']}ms"
+            f" ({a['severity']})"
+            for a in self.detector.active_json()
+        ]
 
     def admin_app(self) -> web.Application:
         return build_admin_app(
             self.proxy,
             self.probe,
-            json_views={"/percentiles": lambda: self.percentiles.snapshot().as_json()},
+            json_views={
+                "/percentiles": lambda: self.percentiles.snapshot().as_json(),
+                "/breaches": self.breaches_view,
+            },
             metrics=metrics_handler(self.metrics.registry, self.percentiles.snapshot),
         )
 
-    def active_breach_names(self) -> list[str]:
-        return []
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def start(self) -> None:
+        self.bus.sinks = list(self._build_sinks())
         await self.proxy.start()
-        self.spawn(self.percentiles.run(), "percentile-ticker")
+        if not self.manual_clock:
+            self.spawn(self.percentiles.run(), "percentile-ticker")
+            self.spawn(self.detector.run(), "breach-detector")
+        for sink in self.bus.sinks:
+            self.spawn(sink.run(), f"sink-{sink.name}")
         server = web.Server(
             self.proxy.handle,
             handler_cancellation=True,  # client gone -> its upstream request is cancelled
@@ -88,6 +164,7 @@ class Sidecar:
                 "listen": f"{self.settings.listen.host}:{self.proxy_port}",
                 "admin": f"{self.settings.admin_listen.host}:{self.admin_port}",
                 "upstream": self.settings.upstream_url,
+                "sinks": [sink.label for sink in self.bus.sinks],
             },
         )
 
@@ -96,31 +173,33 @@ class Sidecar:
         site = web.TCPSite(runner, where.host, where.port, backlog=backlog, reuse_address=True)
         await site.start()
 
-    def spawn(self, coro: Any, name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=name))
-
     async def shutdown(self) -> None:
         """Drain per SPEC: readyz 503 at once, wait for in-flight requests (bounded by
         the grace period), refuse new connections, flush pending events, close."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.shutdown_grace_s
+        grace = self.settings.shutdown_grace_s
+        deadline = loop.time() + grace
         self.proxy.draining = True
         log.info("draining", extra={"in_flight": self.proxy.in_flight})
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.shutdown_grace_s):
+            async with asyncio.timeout(grace):
                 await self.proxy.wait_idle()
         if self.proxy.in_flight:
             log.warning("grace period over", extra={"in_flight": self.proxy.in_flight})
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
-        for hook in self._on_shutdown:
-            await hook(max(1.0, deadline - loop.time()))
+        # events get what is left of the grace period, and at least a second or two
+        await self.bus.flush(max(2.0, deadline - loop.time()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for runner in self._runners:
             await runner.cleanup()
         await self.proxy.close()
+        if self.redis_sink is not None:
+            await self.redis_sink.close()
+        if self._session is not None:
+            await self._session.close()
         log.info("stopped")
 
 

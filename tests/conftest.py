@@ -16,7 +16,7 @@ from sidecar.server import Sidecar
 
 from .upstream import Upstream
 
-pytest_plugins = ["tests.redis_fixture"]
+pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture"]
 
 
 def free_port() -> int:
@@ -71,7 +71,7 @@ SidecarFactory = Callable[..., Any]
 async def make_sidecar() -> AsyncIterator[SidecarFactory]:
     started: list[Sidecar] = []
 
-    async def factory(upstream_url: str, **overrides: Any) -> Sidecar:
+    async def factory(upstream_url: str, manual_clock: bool = False, **overrides: Any) -> Sidecar:
         settings: Settings = load_settings(
             upstream_url=upstream_url,
             listen="127.0.0.1:0",
@@ -79,7 +79,7 @@ async def make_sidecar() -> AsyncIterator[SidecarFactory]:
             instance="test-pod",
             **overrides,
         )
-        sc = Sidecar(settings)
+        sc = Sidecar(settings, manual_clock=manual_clock)
         await sc.start()
         started.append(sc)
         return sc

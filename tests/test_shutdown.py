@@ -59,3 +59,32 @@ async def test_grace_period_bounds_the_drain(upstream):
         with pytest.raises(aiohttp.ClientError):
             await held
     up.release.set()
+
+
+async def test_sigterm_flushes_pending_events(upstream, redis_server):
+    """An event queued while Redis hangs is delivered during the drain, then exit 0."""
+    import redis.asyncio as aioredis
+
+    _, url = upstream
+    sc = await spawn_sidecar(
+        url, SIDECAR_REDIS_URL=redis_server.url, SIDECAR_SLOW_REQUEST_MS="20",
+        SIDECAR_SHUTDOWN_GRACE_S="10",
+    )  # fmt: skip
+    redis_server.pause()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{sc.base}/sleep/40", headers={"X-Request-Id": "flush-me"}) as r:
+            assert r.status == 200
+        async with asyncio.timeout(10):  # the event is queued, not delivered
+            while True:
+                async with client.get(f"{sc.admin}/metrics") as m:
+                    if 'sidecar_event_queue_depth{sink="redis"} 1.0' in await m.text():
+                        break
+    sc.terminate()
+    redis_server.resume()
+    assert await sc.wait(20) == 0
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        entries = await client.xrange("sidecar:events")
+    finally:
+        await client.aclose()
+    assert [f["request_id"] for _, f in entries] == ["flush-me"]

@@ -1,0 +1,187 @@
+"""Breach detection: rules over the shortest rolling window, one event per state change.
+
+Each (route, stream, rule) has its own state. A breach starts when the percentile is
+above its threshold with at least `min_samples` requests in the window. It resolves
+when the percentile falls to or below ``threshold * (1 - HYSTERESIS)`` with enough
+samples, or when the window is empty (no traffic, no latency problem). Between the two
+lines the state holds, so a value hovering at the threshold does not flap.
+
+`SlowRequests` is the hot-path observer for single slow requests, rate limited so a
+slow upstream cannot flood the sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .events import BREACH, RESOLVED, SLOW_REQUEST, Event, EventBus
+from .metrics import Metrics
+from .percentiles import Percentiles, iso_ms
+from .record import CLIENT_DISCONNECT, TimingRecord
+
+log = logging.getLogger(__name__)
+HYSTERESIS = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    quantile: float
+    name: str  # "p95"
+    severity: str
+    threshold_ms: float
+
+
+@dataclass(slots=True)
+class Active:
+    event: Event  # the breach event that started it
+    value_ms: float
+    samples: int
+
+    def as_json(self) -> dict[str, Any]:
+        e = self.event
+        return {
+            "route": e.route,
+            "stream": e.stream,
+            "quantile": e.quantile,
+            "severity": e.severity,
+            "since": iso_ms(e.ts),
+            "value_ms": round(self.value_ms, 1),
+            "threshold_ms": e.threshold_ms,
+            "window_s": e.window_s,
+            "samples": self.samples,
+        }
+
+
+class BreachDetector:
+    def __init__(
+        self, settings: Settings, percentiles: Percentiles, bus: EventBus, metrics: Metrics
+    ) -> None:
+        self._p = percentiles
+        self._bus = bus
+        self._metrics = metrics
+        self._window = settings.breach_window_s
+        self._min = settings.min_samples
+        self._interval = settings.eval_interval_s
+        self._instance = settings.instance
+        self.rules = (
+            Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
+            Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
+        )
+        self.active: dict[tuple[str, bool, str], Active] = {}
+
+    def evaluate(self) -> list[Event]:
+        """Judge every route and `*` once; publish and return the state changes."""
+        snap = self._p.snapshot()
+        raised: list[Event] = []
+        for (route, stream), per_window in snap.stats.items():
+            stats = per_window[self._window]
+            for rule in self.rules:
+                key = (route, stream, rule.name)
+                current = self.active.get(key)
+                value_ms = stats.value(rule.quantile) * 1000 if stats.count else 0.0
+                if current is None:
+                    if stats.count >= self._min and value_ms > rule.threshold_ms:
+                        event = self._event(BREACH, rule, route, stream, value_ms, stats.count)
+                        self.active[key] = Active(event, value_ms, stats.count)
+                        self._gauge(event, 1)
+                        raised.append(event)
+                elif stats.count == 0 or (
+                    stats.count >= self._min and value_ms <= rule.threshold_ms * (1 - HYSTERESIS)
+                ):
+                    del self.active[key]
+                    event = self._event(
+                        RESOLVED, rule, route, stream, value_ms, stats.count,
+                        started_at=current.event.ts,
+                    )  # fmt: skip
+                    self._gauge(event, 0)
+                    raised.append(event)
+                else:
+                    current.value_ms, current.samples = value_ms, stats.count
+        for event in raised:
+            self._bus.publish(event)
+        return raised
+
+    def _event(
+        self, kind: str, rule: Rule, route: str, stream: bool, value_ms: float, samples: int,
+        started_at: float | None = None,
+    ) -> Event:  # fmt: skip
+        return Event(
+            type=kind,
+            severity=rule.severity,
+            route=route,
+            stream=stream,
+            quantile=rule.name,
+            window_s=self._window,
+            value_ms=value_ms,
+            threshold_ms=rule.threshold_ms,
+            samples=samples,
+            instance=self._instance,
+            ts=time.time(),
+            started_at=started_at,
+        )
+
+    def _gauge(self, event: Event, value: int) -> None:
+        self._metrics.breach_active.labels(
+            event.route, "true" if event.stream else "false", event.quantile, event.severity
+        ).set(value)
+
+    def active_json(self) -> list[dict[str, Any]]:
+        return [a.as_json() for a in self.active.values()]
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                self.evaluate()
+            except Exception:
+                log.exception("breach evaluation failed")
+
+
+class SlowRequests:
+    """Observer: one `slow_request` event per request slower than the threshold
+    (streams: time to first byte), at most `max_per_s` per second."""
+
+    def __init__(self, settings: Settings, bus: EventBus, metrics: Metrics,
+                 max_per_s: float = 20.0) -> None:  # fmt: skip
+        self._threshold_s = settings.slow_request_ms / 1000
+        self._threshold_ms = settings.slow_request_ms
+        self._instance = settings.instance
+        self._bus = bus
+        self._suppressed = metrics.events_suppressed.labels(SLOW_REQUEST)
+        self._rate = max_per_s
+        self._tokens = max_per_s
+        self._last = time.monotonic()
+
+    def observe(self, record: TimingRecord) -> None:
+        latency = record.latency
+        if latency <= self._threshold_s or record.error == CLIENT_DISCONNECT:
+            return
+        now = time.monotonic()
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self._suppressed.inc()
+            return
+        self._tokens -= 1
+        self._bus.publish(
+            Event(
+                type=SLOW_REQUEST,
+                severity="info",
+                route=record.route,
+                stream=record.stream,
+                quantile="",
+                window_s=None,
+                value_ms=latency * 1000,
+                threshold_ms=self._threshold_ms,
+                samples=None,
+                instance=self._instance,
+                ts=record.wall + latency,
+                request_id=record.request_id,
+                trace_id=record.trace_id or "",
+            )
+        )

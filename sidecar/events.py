@@ -1,0 +1,126 @@
+"""Events (SPEC "Events") and the bus that fans them out to sinks.
+
+`EventBus.publish` is synchronous and O(sinks): it counts, logs (through the queued
+log handler), remembers the event for `/breaches`, and appends it to each sink's
+bounded queue. Delivery happens in each sink's background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .forwarding import new_request_id
+from .metrics import Metrics
+from .percentiles import iso_ms
+
+log = logging.getLogger("sidecar.events")
+
+BREACH, RESOLVED, SLOW_REQUEST = "breach", "resolved", "slow_request"
+FIELDS = (
+    "event_id", "type", "severity", "route", "stream", "quantile", "window_s",
+    "value_ms", "threshold_ms", "samples", "instance", "ts", "request_id", "trace_id",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    severity: str
+    route: str
+    stream: bool
+    quantile: str  # "p95", "p99", "" for slow_request
+    window_s: int | None
+    value_ms: float
+    threshold_ms: float
+    samples: int | None
+    instance: str
+    ts: float  # wall clock
+    request_id: str = ""
+    trace_id: str = ""
+    event_id: str = field(default_factory=new_request_id)
+    started_at: float | None = None  # resolved: when its breach started (not a field)
+
+    def fields(self) -> dict[str, str]:
+        """The Redis Stream entry: SPEC field names, all values strings, SPEC order."""
+        out = {
+            "event_id": self.event_id,
+            "type": self.type,
+            "severity": self.severity,
+            "route": self.route,
+            "stream": "true" if self.stream else "false",
+            "quantile": self.quantile,
+            "window_s": "" if self.window_s is None else str(self.window_s),
+            "value_ms": f"{self.value_ms:.1f}",
+            "threshold_ms": f"{self.threshold_ms:g}",
+            "samples": "" if self.samples is None else str(self.samples),
+            "instance": self.instance,
+            "ts": iso_ms(self.ts),
+        }
+        if self.type == SLOW_REQUEST:
+            out["request_id"] = self.request_id
+            if self.trace_id:
+                out["trace_id"] = self.trace_id
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON body of the `json` webhook format and of `/breaches`."""
+        doc: dict[str, Any] = dict(self.fields())
+        doc["stream"] = self.stream
+        doc["value_ms"] = round(self.value_ms, 1)
+        doc["threshold_ms"] = self.threshold_ms
+        doc["window_s"] = self.window_s
+        doc["samples"] = self.samples
+        return doc
+
+    @property
+    def rule_key(self) -> tuple[str, bool, str, str]:
+        return (self.route, self.stream, self.quantile, self.severity)
+
+
+class Sink(Protocol):
+    name: str
+    label: str
+
+    def enqueue(self, event: Event) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def flush(self, within_s: float) -> None: ...
+
+
+_LEVEL = {
+    (BREACH, "warning"): logging.WARNING,
+    (BREACH, "critical"): logging.ERROR,
+    (SLOW_REQUEST, "info"): logging.WARNING,
+}
+
+
+class EventBus:
+    def __init__(self, metrics: Metrics, sinks: Sequence[Sink] = (), recent: int = 200) -> None:
+        self._metrics = metrics
+        self.sinks = list(sinks)
+        self.recent: deque[Event] = deque(maxlen=recent)
+
+    def publish(self, event: Event) -> None:
+        self._metrics.events.labels(event.type, event.severity).inc()
+        self.recent.append(event)
+        level = _LEVEL.get((event.type, event.severity), logging.INFO)
+        log.log(level, "%s %s %s", event.type, event.severity, event.route,
+                extra={"event": event.fields()})  # fmt: skip
+        for sink in self.sinks:
+            sink.enqueue(event)
+
+    async def flush(self, within_s: float) -> None:
+        """Give every sink up to ``within_s`` seconds (together) to deliver its queue."""
+        if self.sinks:
+            await asyncio.gather(*(s.flush(within_s) for s in self.sinks))
+
+
+def now() -> float:
+    return time.time()

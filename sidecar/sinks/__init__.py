@@ -1,0 +1,1 @@
+"""Event sinks: each drains its own bounded queue in a background task."""

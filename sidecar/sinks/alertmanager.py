@@ -1,0 +1,93 @@
+"""Alertmanager sink: breaches pushed to `POST /api/v2/alerts`.
+
+Alertmanager forgets an alert that is not re-sent, so every firing alert is re-sent
+each `resend_s` with ``endsAt = now + 4 * resend_s`` (if the sidecar dies, the alert
+ends by itself). A resolve is sent with its real ``endsAt``. Slow-request events are
+not alerts here (they have no state to resolve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+import aiohttp
+
+from ..alerts import push_alert
+from ..events import BREACH, RESOLVED, Event
+from ..metrics import Metrics
+from .queue import QueuedSink, RetryLater
+
+log = logging.getLogger(__name__)
+TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+
+class AlertmanagerSink(QueuedSink):
+    batch_size = 50
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        capacity: int,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+        resend_s: float = 60.0,
+    ) -> None:
+        super().__init__("alertmanager", capacity, metrics, label=f"alertmanager {base_url}")
+        self.url = base_url.rstrip("/") + "/api/v2/alerts"
+        self._session = session
+        self.resend_s = resend_s
+        self.firing: dict[tuple[str, bool, str, str], Event] = {}
+
+    def enqueue(self, event: Event) -> None:
+        if event.type == BREACH:
+            self.firing[event.rule_key] = event
+        elif event.type == RESOLVED:
+            self.firing.pop(event.rule_key, None)
+        else:
+            return
+        super().enqueue(event)
+
+    def _alerts(self, events: Sequence[Event]) -> list[dict[str, object]]:
+        ends = time.time() + 4 * self.resend_s
+        return [push_alert(e, ends_at=None if e.type == RESOLVED else ends) for e in events]
+
+    async def _post(self, alerts: list[dict[str, object]]) -> None:
+        try:
+            async with self._session.post(
+                self.url,
+                data=json.dumps(alerts),
+                headers={"Content-Type": "application/json"},
+                timeout=TIMEOUT,
+            ) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RetryLater(f"{type(exc).__name__}: {exc}") from None
+        if resp.status >= 500:
+            raise RetryLater(f"HTTP {resp.status}")
+        if resp.status >= 400:
+            log.error("alertmanager refused alerts: HTTP %s %s", resp.status, text[:200])
+
+    async def deliver(self, batch: Sequence[Event]) -> int:
+        await self._post(self._alerts(batch))
+        return len(batch)
+
+    async def resend_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resend_s)
+            if self.firing and not len(self):
+                try:
+                    await self._post(self._alerts(list(self.firing.values())))
+                except RetryLater as exc:
+                    self._warn(f"{self.label}: re-send failed: {exc}")
+
+    async def run(self) -> None:
+        resend = asyncio.create_task(self.resend_loop())
+        try:
+            await super().run()
+        finally:
+            resend.cancel()
