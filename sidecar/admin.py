@@ -6,6 +6,7 @@ Each view is a plain callable handed in by the server; this module only speaks H
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from .proxy import Proxy
 
-JsonView = Callable[[], dict[str, Any]]
+JsonView = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
 MetricsView = Callable[[web.Request], Awaitable[web.Response]]
 
 
@@ -72,6 +73,9 @@ def build_admin_app(
 
 def _json_handler(view: JsonView) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(_: web.Request) -> web.Response:
-        return web.json_response(view())
+        doc = view()
+        if inspect.isawaitable(doc):
+            doc = await doc
+        return web.json_response(doc)
 
     return handler

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TextIO
+from typing import Any, TextIO
 
 import redis.asyncio as aioredis
 
@@ -45,12 +45,12 @@ async def read_events(
     try:
         # anchor on the newest entry even when printing none, so following starts
         # exactly after what exists now (XREAD from "$" could miss one in between)
-        newest = await client.xrevrange(stream, count=max(1, count)) or []
+        newest: list[Any] = await client.xrevrange(stream, count=max(1, count)) or []
         for entry_id, fields in reversed(newest[: max(0, count)]):
             _write(out, entry_id, fields or {}, as_json)
         last_id = newest[0][0] if newest else "0-0"
         while follow:
-            got = await client.xread({stream: last_id}, block=5000, count=100) or []
+            got: Any = await client.xread({stream: last_id}, block=5000, count=100) or []
             for _, entries in got:
                 for entry_id, fields in entries:
                     _write(out, entry_id, fields or {}, as_json)

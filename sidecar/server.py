@@ -24,12 +24,14 @@ from .events import EventBus
 from .exposition import metrics_handler
 from .metrics import Metrics, QuantileCollector, RequestMetrics
 from .percentiles import Percentiles
+from .profiling import Profiler
 from .proxy import Proxy
 from .routes import RouteLabeler
 from .sinks.alertmanager import AlertmanagerSink
 from .sinks.queue import QueuedSink
 from .sinks.redis_stream import RedisStreamSink
 from .sinks.webhook import WebhookSink
+from .stats import LoopLag, RuntimeCollector, RuntimeStats, Target
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,13 @@ class Sidecar:
         )
         self.metrics.in_flight.set_function(lambda: self.proxy.in_flight)
         self.metrics.registry.register(QuantileCollector(lambda: self.percentiles.last_snapshot))
+        self.loop_lag = LoopLag()
+        self.runtime = RuntimeStats(
+            Target(settings.target_pid, settings.target_name),
+            self.loop_lag,
+            lambda: self.proxy.in_flight,
+        )
+        self.metrics.registry.register(RuntimeCollector(self.runtime))
         upstream = URL(settings.upstream_url)
         self.probe = UpstreamProbe(upstream.host or "127.0.0.1", upstream.port or 80)
         self.redis_sink: RedisStreamSink | None = None
@@ -71,6 +80,7 @@ class Sidecar:
         self._tasks: list[asyncio.Task[Any]] = []
         self.proxy_port = 0
         self.admin_port = 0
+        self.profiling_port: int | None = None
 
     def _build_sinks(self) -> list[QueuedSink]:
         s = self.settings
@@ -124,6 +134,7 @@ class Sidecar:
             json_views={
                 "/percentiles": lambda: self.percentiles.snapshot().as_json(),
                 "/breaches": self.breaches_view,
+                "/stats": self.runtime.document,
             },
             metrics=metrics_handler(self.metrics.registry, self.percentiles.snapshot),
         )
@@ -137,6 +148,7 @@ class Sidecar:
         if not self.manual_clock:
             self.spawn(self.percentiles.run(), "percentile-ticker")
             self.spawn(self.detector.run(), "breach-detector")
+        self.spawn(self.loop_lag.run(), "loop-lag")
         for sink in self.bus.sinks:
             self.spawn(sink.run(), f"sink-{sink.name}")
         server = web.Server(
@@ -158,6 +170,15 @@ class Sidecar:
         self._runners.append(admin_runner)
         await self._listen(admin_runner, self.settings.admin_listen, 128)
         self.admin_port = _bound_port(admin_runner)
+        if self.settings.profiling_enabled:
+            profiler = Profiler(
+                self.settings.profiling_token.get_secret_value(), self.runtime.document
+            )
+            prof_runner = web.AppRunner(profiler.app(), access_log=None)
+            await prof_runner.setup()
+            self._runners.append(prof_runner)
+            await self._listen(prof_runner, self.settings.profiling_listen, 16)
+            self.profiling_port = _bound_port(prof_runner)
         log.info(
             "sidecar started",
             extra={
@@ -165,6 +186,11 @@ class Sidecar:
                 "admin": f"{self.settings.admin_listen.host}:{self.admin_port}",
                 "upstream": self.settings.upstream_url,
                 "sinks": [sink.label for sink in self.bus.sinks],
+                "profiling": (
+                    f"{self.settings.profiling_listen.host}:{self.profiling_port}"
+                    if self.profiling_port
+                    else "off"
+                ),
             },
         )
 

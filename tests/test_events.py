@@ -21,7 +21,6 @@ from sidecar.sketch import rank_of
 
 from .conftest import free_port, serve_app
 
-pytestmark = pytest.mark.asyncio
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FAST, SLOW = 5, 150  # ms
 THRESHOLDS = {"p95_threshold_ms": 100, "p99_threshold_ms": 120, "min_samples": 10}

@@ -8,12 +8,9 @@ import shutil
 import subprocess
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.sketch import rank_of
-
-pytestmark = pytest.mark.asyncio
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

@@ -16,8 +16,6 @@ from multidict import CIMultiDict
 from .conftest import free_port
 from .upstream import GZIP_BODY
 
-pytestmark = pytest.mark.asyncio
-
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
 async def test_every_method_and_query_forwarded(proxied, method):

@@ -9,8 +9,6 @@ import pytest
 
 from .process import spawn_sidecar
 
-pytestmark = pytest.mark.asyncio
-
 
 async def test_sigterm_drains_in_flight_then_exits_0(upstream):
     up, url = upstream
