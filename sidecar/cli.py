@@ -98,6 +98,26 @@ def cmd_demo_gateway(args: argparse.Namespace) -> int:
     return run_async(main())
 
 
+def cmd_demo_receiver(args: argparse.Namespace) -> int:
+    import os
+
+    from aiohttp import web
+
+    from .config import parse_host_port
+    from .demo.receiver import receiver_app
+
+    where = parse_host_port(args.listen)
+    setup_logging("info", "json")
+    secret = os.environ.get("SIDECAR_WEBHOOK_SECRET", "")
+    try:
+        web.run_app(
+            receiver_app(secret), host=where.host, port=where.port, print=None, access_log=None
+        )
+    finally:
+        flush_logging()
+    return 0
+
+
 def cmd_demo_traffic(args: argparse.Namespace) -> int:
     from .demo.traffic import Traffic
 
@@ -180,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
     gw.add_argument("--seed", type=int, default=None)
     gw.set_defaults(func=cmd_demo_gateway)
+
+    rx = sub.add_parser(
+        "demo-receiver",
+        help="example webhook receiver that logs what it gets (verifies signatures when "
+        "SIDECAR_WEBHOOK_SECRET is set)",
+    )
+    rx.add_argument("--listen", default="0.0.0.0:9000", metavar="HOST:PORT")
+    rx.set_defaults(func=cmd_demo_receiver)
 
     tr = sub.add_parser("demo-traffic", help="send demo traffic to a URL (for compose)")
     tr.add_argument("--target", required=True, metavar="URL")
