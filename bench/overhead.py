@@ -72,6 +72,7 @@ class Target:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     rps: list[float] = field(default_factory=list)
+    ttfb: list[float] = field(default_factory=list)
     fixed: dict[int, list[dict[str, float]]] = field(default_factory=dict)
 
     @property
@@ -113,7 +114,9 @@ http {{
 """
 UPSTREAM_SERVER = """
   server {{ listen 127.0.0.1:{port} reuseport;
-    location / {{ default_type application/json; return 200 '{body}'; }} }}
+    location / {{ default_type application/json; return 200 '{body}'; }}
+    location /v1/stream {{ proxy_pass http://127.0.0.1:{sse}; proxy_http_version 1.1;
+                          proxy_buffering off; }} }}
 """
 PROXY_SERVER = """
   upstream gw {{ server 127.0.0.1:{up}; keepalive 64; }}
@@ -190,13 +193,63 @@ def wrk_fixed_rate(url: str, rate: int, duration: float, script: str) -> dict[st
     }
 
 
+def sse_ttfb_ms(port: int, n: int) -> float:
+    """Median time to the first SSE event over ``n`` sequential requests (one
+    keep-alive connection, like a client holding a pool)."""
+    samples = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        reader = sock.makefile("rb")
+        request = b"GET /v1/stream HTTP/1.1\r\nHost: bench\r\n\r\n"
+        for _ in range(n):
+            t0 = time.perf_counter()
+            sock.sendall(request)
+            first = None
+            while True:  # headers, then chunked body lines, until [DONE]
+                line = reader.readline()
+                if not line:
+                    raise RuntimeError("connection closed mid-stream")
+                if first is None and line.startswith(b"data:"):
+                    first = time.perf_counter()
+                if line.startswith(b"data: [DONE]"):
+                    break
+            while reader.readline() not in (b"0\r\n", b""):  # the last chunk
+                pass
+            reader.readline()
+            assert first is not None
+            samples.append((first - t0) * 1000)
+    return statistics.median(samples)
+
+
+def rss_after(target: Target, total_requests: int, connections: int) -> tuple[float, float, int]:
+    """RSS before and after pushing ``total_requests`` through ``target`` with wrk."""
+    before = target.rss_mb()
+    done = 0
+    while done < total_requests:
+        seconds = 10
+        out = subprocess.run(
+            pinned(0, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", target.url]),
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        m = re.search(r"(\d+) requests in", out)
+        done += int(m.group(1)) if m else 0
+    return before, target.rss_mb(), done
+
+
 @contextlib.contextmanager
 def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            sse_port = free_port()
+            procs.append(
+                subprocess.Popen(
+                    pinned(0, [sys.executable, str(HERE / "sse_upstream.py"), str(sse_port)])
+                )
+            )
             up = Target("direct", free_port())
-            up.proc = start_nginx(tmp, "up", UPSTREAM_SERVER.format(port=up.port, body=BODY), 0)
+            up.proc = start_nginx(
+                tmp, "up", UPSTREAM_SERVER.format(port=up.port, body=BODY, sse=sse_port), 0
+            )
             procs.append(up.proc)
             wait_port(up.port)
             upstream = f"http://127.0.0.1:{up.port}"
@@ -245,6 +298,7 @@ def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
             targets.append(sc)
             for t in targets:
                 wait_port(t.port)
+            wait_port(sse_port)
             yield [t for t in targets if t.name in args.only]
         finally:
             for p in procs:
@@ -280,14 +334,26 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                         f" p99 {fixed['p99']:.3f} ms"
                     )
                 print(line, flush=True)
+            for t in targets:
+                t.ttfb.append(sse_ttfb_ms(t.port, args.sse_requests))
+            print("  sse ttfb ms: " + ", ".join(f"{t.name} {t.ttfb[-1]:.3f}" for t in order),
+                  flush=True)  # fmt: skip
         rss = {t.name: round(t.rss_mb(), 1) for t in targets}
+        soak: dict[str, object] = {}
+        sidecar = next((t for t in targets if t.name == "sidecar"), None)
+        if sidecar is not None and args.rss_requests:
+            before, after, done = rss_after(sidecar, args.rss_requests, args.connections)
+            soak = {"requests": done, "rss_mb_before": round(before, 1),
+                    "rss_mb_after": round(after, 1)}  # fmt: skip
+            print(f"sidecar RSS {before:.1f} MB -> {after:.1f} MB after {done} requests")
 
     def med(values: list[float]) -> float:
         return round(statistics.median(values), 4)
 
     summary: dict[str, dict[str, object]] = {}
     for t in targets:
-        entry: dict[str, object] = {"max_rps": med(t.rps), "rss_mb": rss[t.name]}
+        entry: dict[str, object] = {"max_rps": med(t.rps), "rss_mb": rss[t.name],
+                                    "sse_ttfb_ms": med(t.ttfb)}  # fmt: skip
         for rate, runs in t.fixed.items():
             entry[f"{rate}rps"] = {
                 k: med([r[k] for r in runs]) for k in ("p50", "p99", "cpu_us")
@@ -307,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "rates": args.rates,
         },
         "results": summary,
+        "soak": soak,
     }
 
 
@@ -314,16 +381,18 @@ def markdown(doc: dict[str, object]) -> str:
     results = doc["results"]
     assert isinstance(results, dict)
     rates = doc["params"]["rates"]  # type: ignore[index]
-    head = "| config | max rps |" + "".join(
-        f" p50 @{r} (ms) | p99 @{r} (ms) | CPU µs/req @{r} |" for r in rates
+    head = (
+        "| config | max rps |"
+        + "".join(f" p50 @{r} (ms) | p99 @{r} (ms) | CPU µs/req @{r} |" for r in rates)
+        + " SSE first event (ms) |"
     )
-    lines = [head, "|" + "---|" * (2 + 3 * len(rates))]
+    lines = [head, "|" + "---|" * (3 + 3 * len(rates))]
     for name, e in results.items():
         row = f"| {name} | {e['max_rps']:.0f} |"
         for r in rates:
             f = e[f"{r}rps"]
             row += f" {f['p50']:.3f} | {f['p99']:.3f} | {f['cpu_us']:.0f} |"
-        lines.append(row)
+        lines.append(row + f" {e['sse_ttfb_ms']:.3f} |")
     if "bare" in results and "sidecar" in results:
         b, s = results["bare"], results["sidecar"]
         lines.append("")
@@ -341,7 +410,55 @@ def markdown(doc: dict[str, object]) -> str:
                 f"- at {r} rps: sidecar p50 {s[f'{r}rps']['p50'] - d[f'{r}rps']['p50']:+.3f} ms"
                 " vs direct"
             )
+        lines.append(
+            f"- time to first SSE event: sidecar {s['sse_ttfb_ms'] - d['sse_ttfb_ms']:+.3f} ms"
+            " vs direct"
+        )
+    soak = doc.get("soak")
+    if isinstance(soak, dict) and soak:
+        lines.append(
+            f"- sidecar RSS {soak['rss_mb_before']} MB before, {soak['rss_mb_after']} MB after "
+            f"{soak['requests']:,} more requests"
+        )
     return "\n".join(lines) + "\n"
+
+
+def chart(doc: dict[str, object], path: Path) -> bool:
+    """Throughput and added latency per configuration, as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install '.[bench]'): no chart")
+        return False
+    results = doc["results"]
+    assert isinstance(results, dict)
+    rates = doc["params"]["rates"]  # type: ignore[index]
+    names = list(results)
+    direct = results.get("direct")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(names, [results[n]["max_rps"] for n in names], color="#4c72b0")
+    ax1.set_title("max throughput (req/s)")
+    ax1.set_yscale("log")
+    for i, n in enumerate(names):
+        ax1.annotate(f"{results[n]['max_rps']:.0f}", (i, results[n]["max_rps"]),
+                     ha="center", va="bottom", fontsize=8)  # fmt: skip
+    width = 0.8 / max(1, len(rates))
+    for j, r in enumerate(rates):
+        base = direct[f"{r}rps"]["p50"] if direct else 0.0
+        ax2.bar([i + j * width for i in range(len(names))],
+                [results[n][f"{r}rps"]["p50"] - base for n in names], width,
+                label=f"p50 added @{r} rps")  # fmt: skip
+    ax2.set_xticks([i + width * (len(rates) - 1) / 2 for i in range(len(names))], names)
+    ax2.set_title("latency added vs direct (ms)")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"latency-sidecar overhead, {doc['generated_at']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main() -> int:
@@ -349,8 +466,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     p.add_argument("--connections", type=int, default=32, help="wrk connections")
-    p.add_argument("--rates", default="500", help="fixed rates for latency, e.g. 500,2000")
+    p.add_argument("--rates", default="500,2000", help="fixed rates for latency")
+    p.add_argument("--sse-requests", type=int, default=200, help="SSE requests per round")
+    p.add_argument("--rss-requests", type=int, default=1_000_000,
+                   help="requests pushed through the sidecar before its last RSS reading "
+                   "(0: skip)")  # fmt: skip
     p.add_argument("--only", default="direct,nginx,bare,sidecar")
+    p.add_argument("--no-chart", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "latest"), help="path prefix of outputs")
     args = p.parse_args()
     args.rates = [int(r) for r in args.rates.split(",") if r]
@@ -365,6 +487,8 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     md = markdown(doc)
     out.with_suffix(".md").write_text(md)
+    if not args.no_chart:
+        chart(doc, out.with_suffix(".png"))
     print()
     print(md)
     return 0
