@@ -1,21 +1,22 @@
 """The metric model: every `sidecar_*` metric of the SPEC, in one registry.
 
 `RequestMetrics` is an observer (histograms, error counters: O(1) per record, with
-labelled children cached). The rolling quantiles are read at scrape time by
-`QuantileCollector`. Exposition lives in `exposition.py`.
+labelled series cached; histogram storage is `registry.HistogramSet`). The rolling
+quantiles are read at scrape time by `QuantileCollector`. Exposition lives in `exposition.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .percentiles import QUANTILES, Snapshot
 from .record import UPSTREAM_ERRORS, TimingRecord
+from .registry import HistogramSeries, HistogramSet
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call] # no *_created series: they double cardinality
 
@@ -32,33 +33,29 @@ class Metrics:
         prometheus_client.ProcessCollector(registry=reg)
         prometheus_client.GCCollector(registry=reg)
         prometheus_client.PlatformCollector(registry=reg)
-        self.request_duration = Histogram(
+        self.request_duration = self._histogram(
             "sidecar_request_duration_seconds",
             "Request latency as the client saw it; streams: time to first body byte.",
             ["route", "method", "code", "stream"],
-            buckets=buckets_s,
-            registry=reg,
+            buckets_s,
         )
-        self.upstream_header = Histogram(
+        self.upstream_header = self._histogram(
             "sidecar_upstream_header_seconds",
             "Time until the upstream's response headers arrived.",
             ["route"],
-            buckets=buckets_s,
-            registry=reg,
+            buckets_s,
         )
-        self.overhead = Histogram(
+        self.overhead = self._histogram(
             "sidecar_overhead_seconds",
             "Time the sidecar itself added (total minus time waiting on the upstream).",
             ["route"],
-            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
-            registry=reg,
+            (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
         )
-        self.stream_duration = Histogram(
+        self.stream_duration = self._histogram(
             "sidecar_stream_duration_seconds",
             "Whole duration of streamed (text/event-stream) responses.",
             ["route"],
-            buckets=buckets_s,
-            registry=reg,
+            buckets_s,
         )
         self.in_flight = Gauge(
             "sidecar_requests_in_flight", "Requests being proxied right now.", registry=reg
@@ -97,14 +94,23 @@ class Metrics:
             "sidecar_event_queue_depth", "Events waiting per sink.", ["sink"], registry=reg
         )
 
+    def _histogram(
+        self, name: str, doc: str, labels: list[str], buckets: Sequence[float]
+    ) -> HistogramSet:
+        histogram = HistogramSet(name, doc, labels, buckets)
+        self.registry.register(histogram)
+        return histogram
+
 
 class RequestMetrics:
     """Observer: one record -> histogram observations and error counts."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
-        self._children: dict[tuple[str, str, int, bool], object] = {}
-        self._route_children: dict[str, tuple[object, object, object]] = {}
+        self._children: dict[tuple[str, str, int, bool], HistogramSeries] = {}
+        self._route_children: dict[
+            str, tuple[HistogramSeries, HistogramSeries, HistogramSeries]
+        ] = {}
 
     def observe(self, record: TimingRecord) -> None:
         m = self._m
@@ -124,16 +130,16 @@ class RequestMetrics:
                 m.stream_duration.labels(route),
             )
         header_h, overhead_h, stream_h = per_route
-        exemplar = {"trace_id": record.trace_id} if record.trace_id else None
-        duration.observe(record.latency, exemplar)  # type: ignore[attr-defined]
+        trace_id = record.trace_id
+        duration.observe(record.latency, trace_id)
         wait = record.upstream_header_wait
         if wait is not None:
-            header_h.observe(wait, exemplar)  # type: ignore[attr-defined]
+            header_h.observe(wait, trace_id)
         overhead = record.overhead
         if overhead is not None:
-            overhead_h.observe(overhead)  # type: ignore[attr-defined]
+            overhead_h.observe(overhead)
         if record.stream:
-            stream_h.observe(record.duration, exemplar)  # type: ignore[attr-defined]
+            stream_h.observe(record.duration, trace_id)
         if record.error in UPSTREAM_ERRORS:
             m.upstream_errors.labels(route, record.error).inc()
 

@@ -9,19 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from .config import Settings
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
+    end_to_end,
     new_request_id,
-    strip_hop_by_hop,
     trace_id_of,
     upstream_request_headers,
 )
@@ -31,7 +32,6 @@ from .routes import RouteLabeler
 log = logging.getLogger(__name__)
 
 _CHUNK: Final = 64 * 1024
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 _EVENT_STREAM: Final = "text/event-stream"
 _perf = time.perf_counter
 _wall = time.time
@@ -41,6 +41,18 @@ class _BufferedResponse(web.StreamResponse):
     """Headers go out with the first body chunk: one write for small responses."""
 
     _send_headers_immediately = False
+
+
+class _UpstreamRequest(aiohttp.ClientRequest):
+    """A client request that adds no headers of its own (no default Accept,
+    Accept-Encoding, User-Agent or Content-Type): the upstream gets what the client
+    sent, plus the forwarding headers. Cheaper too than per-request skip lists."""
+
+    DEFAULT_HEADERS: dict[istr, str] = {}
+    _NOTHING_AUTO = CIMultiDictProxy(CIMultiDict([(hdrs.CONTENT_TYPE, "")]))
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = self._NOTHING_AUTO  # type: ignore[assignment]
 
 
 class UpstreamError(Exception):
@@ -91,8 +103,7 @@ class Proxy:
             auto_decompress=False,  # Content-Encoding passes through untouched
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO,
-            read_bufsize=_CHUNK,
+            request_class=_UpstreamRequest,
         )
 
     async def close(self) -> None:
@@ -216,14 +227,15 @@ class Proxy:
         async with upstream:
             state.headers_at = _perf()
             state.status = upstream.status
-            resp_headers = strip_hop_by_hop(upstream.headers)
-            if X_REQUEST_ID not in resp_headers:
-                resp_headers[X_REQUEST_ID] = request_id
-            stream = upstream.content_type == _EVENT_STREAM
+            stream = upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith(_EVENT_STREAM)
             state.stream = stream
             response = (web.StreamResponse if stream else _BufferedResponse)(
-                status=upstream.status, reason=upstream.reason, headers=resp_headers
+                status=upstream.status, reason=upstream.reason
             )
+            resp_headers = response.headers
+            resp_headers.extend(end_to_end(upstream.headers))
+            if X_REQUEST_ID not in resp_headers:
+                resp_headers[X_REQUEST_ID] = request_id
             if self.draining:
                 response.force_close()
             try:

@@ -287,3 +287,47 @@ async def test_timing_record(proxied):
     with pytest.raises(AttributeError):
         rec.status = 500  # type: ignore[misc]
     assert json.dumps(rec._asdict())
+
+
+async def test_proxy_adds_no_headers_of_its_own(proxied):
+    """A bare request (Host only) reaches the upstream with the forwarding headers and
+    nothing else: no Accept, Accept-Encoding, User-Agent or Content-Type invented."""
+    up, _, _, _, base = proxied
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nhi")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    names = {k.lower() for k, _ in up.seen[-1]["headers"]}
+    assert names == {
+        "host", "content-length", "x-forwarded-for", "x-forwarded-proto",
+        "x-forwarded-host", "x-request-id",
+    }  # fmt: skip
+
+
+async def test_hop_by_hop_names_match_in_any_case(proxied):
+    """Header names are case-insensitive: lower-case hop-by-hop headers (Node and Go
+    clients send them so) are dropped too, and a chunked response is not doubly
+    framed."""
+    up, _, _, _, base = proxied
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /hop-lower HTTP/1.1\r\nhost: gw\r\nconnection: keep-alive, x-drop-me\r\n"
+        b"x-drop-me: 1\r\nkeep-alive: timeout=5\r\nte: trailers\r\n"
+        b"proxy-authorization: Basic eA==\r\nx-keep: yes\r\n\r\n"
+    )
+    await writer.drain()
+    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode().lower()
+    body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith("http/1.1 200")
+    assert head.count("transfer-encoding") == 1 and "x-public: yes" in head
+    assert "x-private" not in head and "keep-alive: timeout" not in head
+    assert b"lower" in body
+    seen = {k.lower() for k, _ in up.seen[-1]["headers"]}
+    assert "x-keep" in seen
+    for name in ("x-drop-me", "keep-alive", "te", "proxy-authorization"):
+        assert name not in seen, name

@@ -37,6 +37,7 @@ class Upstream:
         r.add_get("/cookies", self.cookies)
         r.add_get("/gzip", self.gzipped)
         r.add_get("/hop", self.hop)
+        r.add_get("/hop-lower", self.hop_lower)
         r.add_get("/sse", self.sse)
         r.add_get("/hold", self.hold)
         r.add_get("/hang", self.hang)
@@ -125,6 +126,18 @@ class Upstream:
                 "X-Public": "yes",
             },
         )
+
+    async def hop_lower(self, request: web.Request) -> web.StreamResponse:
+        """Hop-by-hop headers in lower case, as many servers send them."""
+        self.seen.append({"headers": list(request.headers.items())})
+        resp = web.StreamResponse(headers={"x-public": "yes", "keep-alive": "timeout=5",
+                                           "connection": "keep-alive, x-private",
+                                           "x-private": "secret"})  # fmt: skip
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"lower")
+        await resp.write_eof()
+        return resp
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(
