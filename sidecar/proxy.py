@@ -93,6 +93,7 @@ class Proxy:
         self._observers = (*self._observers, observer)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         connector = aiohttp.TCPConnector(
             limit=0,  # the gateway owns concurrency limits; never queue here
             keepalive_timeout=30,
@@ -200,29 +201,41 @@ class Proxy:
         body = _body_iter(request, state) if request.body_exists else None
         url = URL(self._base + request.raw_path, encoded=True)
         state.sent_at = _perf()
+        # A bare timer rather than asyncio.timeout(): same semantics (cancel the task,
+        # tell our cancellation from a client disconnect by uncancel()), a few µs less.
+        task = asyncio.current_task()
+        assert task is not None
+        timer = self._loop.call_later(self._timeout, _expire, task, state)
         try:
-            async with asyncio.timeout(self._timeout):
-                upstream = await session.request(
-                    request.method,
-                    url,
-                    headers=out_headers,
-                    data=body,
-                    allow_redirects=False,
-                    compress=None,
-                    chunked=None,
-                )
-        except TimeoutError:
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=out_headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+            )
+        except asyncio.CancelledError:
+            if state.timed_out and task.uncancel() == 0:
+                raise UpstreamError(
+                    "timeout", 504, f"no response headers from upstream within {self._timeout:g}s"
+                ) from None
+            raise
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("connect", 502, f"upstream unreachable: {exc.os_error}") from None
+        except TimeoutError:  # aiohttp's own connect timeout, if it fires first
             raise UpstreamError(
                 "timeout", 504, f"no response headers from upstream within {self._timeout:g}s"
             ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", 502, f"upstream unreachable: {exc.os_error}") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        except aiohttp.ClientConnectionError as exc:  # disconnected, reset, refused later
             raise UpstreamError("reset", 502, f"upstream reset the connection: {exc}") from None
         except aiohttp.ClientResponseError as exc:  # malformed response head
             raise UpstreamError(
                 "reset", 502, f"invalid upstream response: {str(exc.message)[:120]}"
             ) from None
+        finally:
+            timer.cancel()
 
         async with upstream:
             state.headers_at = _perf()
@@ -275,6 +288,7 @@ class _Exchange:
         "sent_at",
         "status",
         "stream",
+        "timed_out",
         "upstream_end",
     )
 
@@ -287,7 +301,13 @@ class _Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.stream = False
+        self.timed_out = False
         self.error: str | None = None
+
+
+def _expire(task: asyncio.Task[object], state: _Exchange) -> None:
+    state.timed_out = True
+    task.cancel()
 
 
 async def _body_iter(request: web.BaseRequest, state: _Exchange) -> AsyncIterator[bytes]:
