@@ -42,6 +42,7 @@ def records(n: int, routes: int = 20) -> list[TimingRecord]:
                 "rid",
                 "0af7651916cd43dd8448eb211c80319c" if i % 10 == 0 else None,
                 None,
+                lat,
             )
         )
     return out

@@ -132,14 +132,16 @@ class RequestMetrics:
         header_h, overhead_h, stream_h = per_route
         trace_id = record.trace_id
         duration.observe(record.latency, trace_id)
-        wait = record.upstream_header_wait
-        if wait is not None:
-            header_h.observe(wait, trace_id)
-        overhead = record.overhead
-        if overhead is not None:
-            overhead_h.observe(overhead)
+        sent_at = record.sent_at
+        if sent_at is not None:
+            headers_at = record.headers_at
+            if headers_at is not None:
+                header_h.observe(headers_at - sent_at, trace_id)
+            upstream_end = record.upstream_end
+            if upstream_end is not None:  # the sidecar's own share of the total
+                overhead_h.observe(max(0.0, sent_at - record.start + record.end - upstream_end))
         if record.stream:
-            stream_h.observe(record.duration, trace_id)
+            stream_h.observe(record.end - record.start, trace_id)
         if record.error in UPSTREAM_ERRORS:
             m.upstream_errors.labels(route, record.error).inc()
 

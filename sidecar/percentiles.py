@@ -100,7 +100,11 @@ class Percentiles:
             sub = pending.get(key)
             if sub is None:
                 sub = pending[key] = SubWindow()
-            sub.add(bucket, seconds)
+            counts = sub.counts  # SubWindow.add, inlined: this runs per request
+            counts[bucket] = counts.get(bucket, 0) + 1
+            sub.count += 1
+            if seconds > sub.max:
+                sub.max = seconds
 
     def tick(self) -> None:
         """Close the current sub-window: push it into every rolling window."""

@@ -21,12 +21,12 @@ from .config import Settings
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
-    end_to_end,
     new_request_id,
+    strip_in_place,
     trace_id_of,
     upstream_request_headers,
 )
-from .record import CLIENT_DISCONNECT, Observer, TimingRecord
+from .record import CLIENT_DISCONNECT, Observer, TimingRecord, latency_of
 from .routes import RouteLabeler
 
 log = logging.getLogger(__name__)
@@ -151,24 +151,28 @@ class Proxy:
             self.in_flight -= 1
             if self._idle is not None and not self.in_flight:
                 self._idle.set()
+            end = _perf()
+            first_byte_at = state.first_byte_at
+            stream = state.stream
             self._emit(
                 TimingRecord(
                     start,
                     state.sent_at,
                     state.headers_at,
                     state.upstream_end,
-                    state.first_byte_at,
-                    _perf(),
+                    first_byte_at,
+                    end,
                     wall,
                     request.method,
                     route,
                     state.status,
                     state.bytes_in,
                     state.bytes_out,
-                    state.stream,
+                    stream,
                     request_id,
                     trace_id_of(headers.get("traceparent")),
                     state.error,
+                    latency_of(start, first_byte_at, end, stream),
                 )
             )
 
@@ -246,7 +250,8 @@ class Proxy:
                 status=upstream.status, reason=upstream.reason
             )
             resp_headers = response.headers
-            resp_headers.extend(end_to_end(upstream.headers))
+            resp_headers.extend(upstream.headers)  # one C-level copy, then filtered
+            strip_in_place(resp_headers)
             if X_REQUEST_ID not in resp_headers:
                 resp_headers[X_REQUEST_ID] = request_id
             if self.draining:

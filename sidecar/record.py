@@ -29,13 +29,9 @@ class TimingRecord(NamedTuple):
     request_id: str
     trace_id: str | None
     error: str | None  # None, "connect", "timeout", "reset", "client_disconnect"
-
-    @property
-    def latency(self) -> float:
-        """What percentiles use: time to first body byte for streams, else the total."""
-        if self.stream and self.first_byte_at is not None:
-            return self.first_byte_at - self.start
-        return self.end - self.start
+    # What percentiles, breaches and the duration histogram use: time to first body
+    # byte for streams, else the total. Computed once by `latency_of`.
+    latency: float
 
     @property
     def duration(self) -> float:
@@ -55,6 +51,12 @@ class TimingRecord(NamedTuple):
         if self.sent_at is None or self.upstream_end is None:
             return None
         return max(0.0, (self.sent_at - self.start) + (self.end - self.upstream_end))
+
+
+def latency_of(start: float, first_byte_at: float | None, end: float, stream: bool) -> float:
+    if stream and first_byte_at is not None:
+        return first_byte_at - start
+    return end - start
 
 
 class Observer(Protocol):

@@ -149,6 +149,7 @@ def _rec(route: str, latency: float, stream: bool = False, ttfb: float | None = 
         request_id="r",
         trace_id=None,
         error=None,
+        latency=ttfb if stream and ttfb is not None else latency,
     )
 
 
