@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -120,7 +119,3 @@ class EventBus:
         """Give every sink up to ``within_s`` seconds (together) to deliver its queue."""
         if self.sinks:
             await asyncio.gather(*(s.flush(within_s) for s in self.sinks))
-
-
-def now() -> float:
-    return time.time()

@@ -138,7 +138,9 @@ class RequestMetrics:
             if headers_at is not None:
                 header_h.observe(headers_at - sent_at, trace_id)
             upstream_end = record.upstream_end
-            if upstream_end is not None:  # the sidecar's own share of the total
+            if upstream_end is not None:
+                # the sidecar's own share: before handing the request over, plus after
+                # the upstream body ended (the total minus time waiting on the upstream)
                 overhead_h.observe(max(0.0, sent_at - record.start + record.end - upstream_end))
         if record.stream:
             stream_h.observe(record.end - record.start, trace_id)

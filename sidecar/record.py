@@ -33,25 +33,6 @@ class TimingRecord(NamedTuple):
     # byte for streams, else the total. Computed once by `latency_of`.
     latency: float
 
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-    @property
-    def upstream_header_wait(self) -> float | None:
-        """From handing the request over to the upstream's response headers."""
-        if self.headers_at is None or self.sent_at is None:
-            return None
-        return self.headers_at - self.sent_at
-
-    @property
-    def overhead(self) -> float | None:
-        """Time the sidecar itself added: the total minus the time spent waiting on the
-        upstream (from handing the request over until its body was fully read)."""
-        if self.sent_at is None or self.upstream_end is None:
-            return None
-        return max(0.0, (self.sent_at - self.start) + (self.end - self.upstream_end))
-
 
 def latency_of(start: float, first_byte_at: float | None, end: float, stream: bool) -> float:
     if stream and first_byte_at is not None:
