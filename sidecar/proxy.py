@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
-from yarl import URL
 
 from .config import Settings
 from .forwarding import (
@@ -28,6 +26,7 @@ from .forwarding import (
 )
 from .record import CLIENT_DISCONNECT, Observer, TimingRecord, latency_of
 from .routes import RouteLabeler
+from .upstream import ConnectFailed, UpstreamPool, UpstreamReset
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +40,6 @@ class _BufferedResponse(web.StreamResponse):
     """Headers go out with the first body chunk: one write for small responses."""
 
     _send_headers_immediately = False
-
-
-class _UpstreamRequest(aiohttp.ClientRequest):
-    """A client request that adds no headers of its own (no default Accept,
-    Accept-Encoding, User-Agent or Content-Type): the upstream gets what the client
-    sent, plus the forwarding headers. Cheaper too than per-request skip lists."""
-
-    DEFAULT_HEADERS: dict[istr, str] = {}
-    _NOTHING_AUTO = CIMultiDictProxy(CIMultiDict([(hdrs.CONTENT_TYPE, "")]))
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = self._NOTHING_AUTO  # type: ignore[assignment]
 
 
 class UpstreamError(Exception):
@@ -84,7 +71,7 @@ class Proxy:
         self._timeout = settings.upstream_timeout_s
         self._labeler = labeler
         self._observers: tuple[Observer, ...] = tuple(observers)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self.in_flight = 0
         self.draining = False
         self._idle: asyncio.Event | None = None
@@ -94,23 +81,12 @@ class Proxy:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        connector = aiohttp.TCPConnector(
-            limit=0,  # the gateway owns concurrency limits; never queue here
-            keepalive_timeout=30,
-            ttl_dns_cache=30,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,  # Content-Encoding passes through untouched
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            request_class=_UpstreamRequest,
-        )
+        self._pool = UpstreamPool(self._base)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
@@ -179,8 +155,8 @@ class Proxy:
     async def _forward(
         self, request: web.BaseRequest, request_id: str, state: _Exchange
     ) -> web.StreamResponse:
-        session = self._session
-        assert session is not None, "Proxy.start() not awaited"
+        pool = self._pool
+        assert pool is not None, "Proxy.start() not awaited"
         if "Upgrade" in request.headers:
             state.status = 501
             return web.json_response(
@@ -203,7 +179,6 @@ class Proxy:
             request_id=request_id,
         )
         body = _body_iter(request, state) if request.body_exists else None
-        url = URL(self._base + request.raw_path, encoded=True)
         state.sent_at = _perf()
         # A bare timer rather than asyncio.timeout(): same semantics (cancel the task,
         # tell our cancellation from a client disconnect by uncancel()), a few µs less.
@@ -211,74 +186,66 @@ class Proxy:
         assert task is not None
         timer = self._loop.call_later(self._timeout, _expire, task, state)
         try:
-            upstream = await session.request(
-                request.method,
-                url,
-                headers=out_headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-            )
+            upstream = await pool.request(request.method, request.raw_path, out_headers, body)
         except asyncio.CancelledError:
             if state.timed_out and task.uncancel() == 0:
                 raise UpstreamError(
                     "timeout", 504, f"no response headers from upstream within {self._timeout:g}s"
                 ) from None
             raise
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", 502, f"upstream unreachable: {exc.os_error}") from None
-        except TimeoutError:  # aiohttp's own connect timeout, if it fires first
+        except ConnectFailed as exc:
+            raise UpstreamError("connect", 502, f"upstream unreachable: {exc}") from None
+        except UpstreamReset as exc:
             raise UpstreamError(
-                "timeout", 504, f"no response headers from upstream within {self._timeout:g}s"
-            ) from None
-        except aiohttp.ClientConnectionError as exc:  # disconnected, reset, refused later
-            raise UpstreamError("reset", 502, f"upstream reset the connection: {exc}") from None
-        except aiohttp.ClientResponseError as exc:  # malformed response head
-            raise UpstreamError(
-                "reset", 502, f"invalid upstream response: {str(exc.message)[:120]}"
+                "reset", 502, f"upstream reset the connection: {str(exc)[:120]}"
             ) from None
         finally:
             timer.cancel()
 
-        async with upstream:
-            state.headers_at = _perf()
-            state.status = upstream.status
-            stream = upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith(_EVENT_STREAM)
-            state.stream = stream
-            response = (web.StreamResponse if stream else _BufferedResponse)(
-                status=upstream.status, reason=upstream.reason
-            )
-            resp_headers = response.headers
-            resp_headers.extend(upstream.headers)  # one C-level copy, then filtered
-            strip_in_place(resp_headers)
-            if X_REQUEST_ID not in resp_headers:
-                resp_headers[X_REQUEST_ID] = request_id
-            if self.draining:
-                response.force_close()
-            try:
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    if state.first_byte_at is None:
-                        state.first_byte_at = _perf()
-                    state.bytes_out += len(chunk)
-                    await response.write(chunk)
-                state.upstream_end = _perf()
-            except ConnectionResetError:
-                # the client went away mid-response; aiohttp finishes quietly with this
-                state.error = CLIENT_DISCONNECT
-                state.status = 499
-                return response
-            except (aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-                # Headers are gone already: the only honest signal left is to cut the
-                # client connection so it sees a truncated response.
-                state.error = "reset"
-                log.debug("upstream broke mid-body: %s", exc)
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
+        connection = upstream.connection
+        state.headers_at = _perf()
+        state.status = upstream.status
+        stream = upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith(_EVENT_STREAM)
+        state.stream = stream
+        response = (web.StreamResponse if stream else _BufferedResponse)(
+            status=upstream.status, reason=upstream.reason
+        )
+        resp_headers = response.headers
+        resp_headers.extend(upstream.headers)  # one C-level copy, then filtered
+        strip_in_place(resp_headers)
+        if X_REQUEST_ID not in resp_headers:
+            resp_headers[X_REQUEST_ID] = request_id
+        if self.draining:
+            response.force_close()
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.body.iter_any():
+                if state.first_byte_at is None:
+                    state.first_byte_at = _perf()
+                state.bytes_out += len(chunk)
+                await response.write(chunk)
+            state.upstream_end = _perf()
+        except ConnectionResetError:
+            # the client went away mid-response; aiohttp finishes quietly with this
+            connection.close()
+            state.error = CLIENT_DISCONNECT
+            state.status = 499
             return response
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            # Headers are gone already: the only honest signal left is to cut the
+            # client connection so it sees a truncated response.
+            connection.close()
+            state.error = "reset"
+            log.debug("upstream broke mid-body: %s", exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except BaseException:
+            connection.close()
+            raise
+        pool.release(connection)
+        await response.write_eof()
+        return response
 
 
 class _Exchange:

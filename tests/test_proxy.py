@@ -331,3 +331,42 @@ async def test_hop_by_hop_names_match_in_any_case(proxied):
     assert "x-keep" in seen
     for name in ("x-drop-me", "keep-alive", "te", "proxy-authorization"):
         assert name not in seen, name
+
+
+async def test_stale_keep_alive_connection_is_retried_only_when_safe(make_sidecar):
+    """An upstream that answers one request per connection, then drops the connection
+    when the next request arrives on it (a keep-alive race every proxy meets). GETs are
+    retried once on a fresh connection; a POST is not (it may have been processed)."""
+    connections = 0
+
+    async def serve(reader, writer):
+        nonlocal connections
+        connections += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the next request: drop it unanswered
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sc = await make_sidecar(f"http://127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{sc.proxy_port}"
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.get(f"{base}/x") as r:
+                assert r.status == 200 and await r.read() == b"ok"
+        async with client.post(f"{base}/x", data=b"body") as r:
+            assert r.status in (200, 502)
+        # the connection used by the last GET is pooled; a POST on it hits the drop
+        async with client.get(f"{base}/x") as r:
+            assert r.status == 200
+        async with client.post(f"{base}/x", data=b"body") as r:
+            assert r.status == 502
+            assert (await r.json())["error"]["type"] == "upstream_reset"
+    assert connections >= 4
+    server.close()
+    await server.wait_closed()
