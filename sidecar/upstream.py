@@ -19,7 +19,9 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import NamedTuple
 
+from aiohttp import ClientConnectionError, ClientResponseError
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
@@ -158,14 +160,11 @@ class UpstreamPool:
                 # interim responses (100 Continue, 103 Early Hints) are not forwarded
                 if not 100 <= message.code < 200 or message.code == 101:
                     break
-        except (ConnectionError, OSError) as exc:
+        except (ConnectionError, OSError, ClientConnectionError) as exc:
+            # refused mid-way, reset, or closed before a response (ServerDisconnected)
             raise UpstreamReset(str(exc) or type(exc).__name__) from None
-        except Exception as exc:  # aiohttp's ServerDisconnectedError, bad response head
-            from aiohttp import ClientConnectionError, ClientResponseError
-
-            if isinstance(exc, ClientConnectionError | ClientResponseError):
-                raise UpstreamReset(str(exc) or type(exc).__name__) from None
-            raise
+        except (HttpProcessingError, ClientResponseError) as exc:  # not HTTP at all
+            raise UpstreamReset(f"invalid response: {str(exc)[:120]}") from None
         return Exchange(message.code, message.reason, message.headers, payload, proto)  # type: ignore[arg-type]
 
     def close(self) -> None:

@@ -370,3 +370,24 @@ async def test_stale_keep_alive_connection_is_retried_only_when_safe(make_sideca
     assert connections >= 4
     server.close()
     await server.wait_closed()
+
+
+async def test_garbage_from_the_upstream_is_a_502(make_sidecar):
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")  # not HTTP
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    sc = await make_sidecar(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{sc.proxy_port}/x") as r,
+    ):
+        assert r.status == 502
+        body = await r.json()
+    assert body["error"]["type"] == "upstream_reset"
+    assert "invalid response" in body["error"]["message"]
+    server.close()
+    await server.wait_closed()
