@@ -227,22 +227,20 @@ class Proxy:
             state.upstream_end = _perf()
         except ConnectionResetError:
             # the client went away mid-response; aiohttp finishes quietly with this
-            connection.close()
             state.error = CLIENT_DISCONNECT
             state.status = 499
             return response
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             # Headers are gone already: the only honest signal left is to cut the
             # client connection so it sees a truncated response.
-            connection.close()
             state.error = "reset"
             log.debug("upstream broke mid-body: %s", exc)
             if request.transport is not None:
                 request.transport.close()
             return response
-        except BaseException:
-            connection.close()
-            raise
+        finally:
+            if state.upstream_end is None:  # body not read to the end: never reuse it
+                connection.close()
         pool.release(connection)
         await response.write_eof()
         return response

@@ -109,19 +109,25 @@ class UpstreamPool:
         """
         proto = self._take_idle()
         reused = proto is not None
-        if proto is None:
+        if proto is None:  # not `proto or ...`: an idle ResponseHandler has len() 0
             proto = await self._connect()
         try:
-            return await self._exchange(proto, method, target, headers, body)
+            return await self._attempt(proto, method, target, headers, body)
         except UpstreamReset:
-            proto.close()
             if not (reused and body is None and method in _IDEMPOTENT):
                 raise
-        except BaseException:
-            proto.close()
-            raise
         # the upstream had closed the idle connection we picked: once more, fresh
-        proto = await self._connect()
+        return await self._attempt(await self._connect(), method, target, headers, body)
+
+    async def _attempt(
+        self,
+        proto: ResponseHandler,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+    ) -> Exchange:
+        """One exchange on one connection; the connection is closed if it fails."""
         try:
             return await self._exchange(proto, method, target, headers, body)
         except BaseException:

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from ..percentiles import Snapshot
-from ..record import TimingRecord
+from ..record import UPSTREAM_ERRORS, TimingRecord
 from ..routes import ALL
 
 
@@ -18,7 +18,7 @@ class ErrorCounter:
         self.errors: Counter[tuple[str, bool]] = Counter()
 
     def observe(self, record: TimingRecord) -> None:
-        if record.status >= 500 or record.error in ("connect", "timeout", "reset"):
+        if record.status >= 500 or record.error in UPSTREAM_ERRORS:
             self.errors[(record.route, record.stream)] += 1
             self.errors[(ALL, record.stream)] += 1
 
