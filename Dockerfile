@@ -3,9 +3,10 @@
 # reaches the final image).
 FROM python:3.11.11-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[speed]"
+# every version pinned by the same constraints file the Makefile and CI use
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt ".[speed]"
 
 # Runtime stage: the wheels installed offline, a non-root user, nothing else.
 FROM python:3.11.11-slim-bookworm

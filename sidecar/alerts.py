@@ -11,7 +11,7 @@ import hashlib
 from typing import Any
 
 from .events import BREACH, RESOLVED, Event
-from .percentiles import iso_ms
+from .timefmt import iso_ms
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not ended"
 

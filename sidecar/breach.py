@@ -21,8 +21,9 @@ from typing import Any
 from .config import Settings
 from .events import BREACH, RESOLVED, SLOW_REQUEST, Event, EventBus
 from .metrics import Metrics
-from .percentiles import Percentiles, iso_ms
+from .percentiles import Percentiles
 from .record import CLIENT_DISCONNECT, TimingRecord
+from .timefmt import iso_ms
 
 log = logging.getLogger(__name__)
 HYSTERESIS = 0.10

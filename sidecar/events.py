@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .forwarding import new_request_id
+from .ids import new_id
 from .metrics import Metrics
-from .percentiles import iso_ms
+from .timefmt import iso_ms
 
 log = logging.getLogger("sidecar.events")
 
@@ -42,7 +42,7 @@ class Event:
     ts: float  # wall clock
     request_id: str = ""
     trace_id: str = ""
-    event_id: str = field(default_factory=new_request_id)
+    event_id: str = field(default_factory=new_id)
     started_at: float | None = None  # resolved: when its breach started (not a field)
 
     def fields(self) -> dict[str, str]:

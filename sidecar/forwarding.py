@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -98,15 +97,3 @@ def trace_id_of(traceparent: str | None) -> str | None:
     if not m or m.group(1) == _ZERO_TRACE or traceparent.startswith("ff"):
         return None
     return m.group(1)
-
-
-_getrandbits = random.getrandbits
-_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_V4_SET = (0x4000 << 64) | (0x8000 << 48)
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID string. Request ids need uniqueness, not secrecy, so
-    the Mersenne Twister does, at a quarter of `uuid.uuid4()`'s cost."""
-    h = f"{(_getrandbits(128) & _V4_CLEAR) | _V4_SET:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .histogram import HistogramSeries, HistogramSet
 from .percentiles import QUANTILES, Snapshot
 from .record import UPSTREAM_ERRORS, TimingRecord
-from .registry import HistogramSeries, HistogramSet
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call] # no *_created series: they double cardinality
 

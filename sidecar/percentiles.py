@@ -18,6 +18,7 @@ from typing import Any
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .routes import ALL
 from .sketch import bucket_of
+from .timefmt import iso_ms
 from .window import RollingHistogram, SubWindow
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ class Snapshot:
             "routes": routes,
             "streams": streams,
         }
-
-
-def iso_ms(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 class Percentiles:

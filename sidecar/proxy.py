@@ -19,11 +19,11 @@ from .config import Settings
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
-    new_request_id,
     strip_in_place,
     trace_id_of,
     upstream_request_headers,
 )
+from .ids import new_id
 from .record import CLIENT_DISCONNECT, Observer, TimingRecord, latency_of
 from .routes import RouteLabeler
 from .upstream import ConnectFailed, UpstreamPool, UpstreamReset
@@ -106,7 +106,7 @@ class Proxy:
         wall = _wall()
         self.in_flight += 1
         headers = request.headers
-        request_id = headers.get(X_REQUEST_ID) or new_request_id()
+        request_id = headers.get(X_REQUEST_ID) or new_id()
         route = self._labeler.label(request.path)
         state = _Exchange()
         try:

@@ -50,9 +50,9 @@ def test_hostile_paths_do_not_grow_memory():
 def test_request_ids_are_valid_v4_uuids_and_unique():
     import uuid
 
-    from sidecar.forwarding import new_request_id
+    from sidecar.ids import new_id
 
-    ids = {new_request_id() for _ in range(10_000)}
+    ids = {new_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     for rid in list(ids)[:100]:
         u = uuid.UUID(rid)
