@@ -1,92 +1,138 @@
-"""Header rewriting between client and upstream (RFC 9110 section 7.6.1)."""
+"""Header rewriting between client and upstream (RFC 9110 section 7.6.1), on raw bytes.
+
+Headers are forwarded as the parser received them: the same bytes, case, order and
+repeats (`request.raw_headers` and the upstream message's `raw_headers`), so a
+non-UTF-8 value or a name spelt `ETag` arrives exactly as it was sent. The parser
+(aiohttp's llhttp) has already refused what is not HTTP (CR/LF/NUL inside a value,
+oversized lines), so nothing here needs escaping. What changes:
+
+- hop-by-hop headers, and those named in ``Connection``, are dropped both ways;
+  ``Host`` and ``Content-Length`` cannot be named hop-by-hop (a client must not strip
+  the upstream's routing or framing);
+- upstream-bound: ``Expect`` dropped (the proxy answers 100-continue itself),
+  ``X-Forwarded-For`` appended to, ``X-Forwarded-Proto``/``-Host`` added when absent,
+  ``X-Request-Id`` added when absent, ``Host`` added when absent (HTTP/1.0) or
+  replaced by the authority of an absolute-form target.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import istr
 
-Headers = CIMultiDict[str] | CIMultiDictProxy[str]
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
-# Hop-by-hop: meaningful for one connection only, never forwarded. RFC 9110 7.6.1 names
-# Connection, Proxy-Connection, Keep-Alive, TE, Transfer-Encoding and Upgrade; the
-# RFC 2616 list adds Trailer and the Proxy-Authenticate/-Authorization pair.
-# Names are compared lower-cased: header names are case-insensitive on the wire.
+# Hop-by-hop: meaningful for one connection only. RFC 9110 7.6.1 names Connection,
+# Proxy-Connection, Keep-Alive, TE, Transfer-Encoding and Upgrade; the RFC 2616 list
+# adds Trailer and the Proxy-Authenticate/-Authorization pair. Compared lower-cased.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
     }
 )
+_NEVER_NOMINATED = frozenset({b"host", b"content-length", b"keep-alive", b"close", b"upgrade"})
 X_REQUEST_ID = istr("X-Request-Id")
-X_FORWARDED_FOR = istr("X-Forwarded-For")
-X_FORWARDED_PROTO = istr("X-Forwarded-Proto")
-X_FORWARDED_HOST = istr("X-Forwarded-Host")
-CONNECTION = istr("Connection")
 EXPECT = istr("Expect")
-HOST = istr("Host")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 
 
-def strip_in_place(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-    """Remove, in place, hop-by-hop headers and those named in ``Connection``.
+def _nominated(raw: RawHeaders) -> frozenset[bytes]:
+    """Header names listed in ``Connection`` (lower-cased), except protected ones."""
+    names = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token and token not in _NEVER_NOMINATED:
+                    names.add(token)
+    return frozenset(names)
 
-    CIMultiDict lookups are case-insensitive and run in C: a copy plus a dozen
-    membership tests is cheaper than a Python pass over every header.
+
+def end_to_end(raw: RawHeaders) -> list[tuple[bytes, bytes]]:
+    """The end-to-end headers of ``raw``: order, case, bytes and repeats kept."""
+    nominated = _nominated(raw)
+    drop = HOP_BY_HOP | nominated if nominated else HOP_BY_HOP
+    return [(name, value) for name, value in raw if name.lower() not in drop]
+
+
+def request_head(
+    method: str,
+    target: bytes,
+    raw: RawHeaders,
+    *,
+    peer: str | None,
+    scheme: str,
+    request_id: str | None,
+    host: bytes | None,
+    default_host: bytes,
+    chunked: bool = False,
+) -> bytes:
+    """The complete HTTP/1.1 request head for the upstream.
+
+    ``request_id`` is the id to add (None when the client sent its own, which then
+    goes through untouched); ``host`` replaces the client's Host (the authority of an
+    absolute-form target), ``default_host`` is used when the request has none;
+    ``chunked``: the body goes upstream chunked (it had no Content-Length).
     """
-    named = [
-        tok
-        for value in headers.getall(CONNECTION, ())
-        for tok in (t.strip().lower() for t in value.split(","))
-        if tok and tok not in _PLAIN_CONNECTION
-    ]
-    for name in HOP_BY_HOP:
-        if name in headers:
-            del headers[name]
-    for name in named:
-        headers.popall(name, None)
-    return headers
-
-
-def end_to_end(headers: Headers) -> CIMultiDict[str]:
-    """A copy with the end-to-end headers only, order and repeats kept."""
-    return strip_in_place(CIMultiDict(headers))
-
-
-def upstream_request_headers(
-    incoming: Headers, *, peer: str | None, scheme: str, request_id: str
-) -> CIMultiDict[str]:
-    """Headers for the upstream request: end-to-end ones plus forwarding headers.
-
-    `Expect` is dropped (the proxy answered any 100-continue itself); an existing
-    `X-Forwarded-For` gets the peer appended; `X-Forwarded-Proto`/`-Host` are kept
-    when an edge proxy in front already set them (it knows the original values).
-    """
-    out = end_to_end(incoming)
-    if EXPECT in out:
-        del out[EXPECT]
-    prior = out.popall(X_FORWARDED_FOR, [])
+    lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+    forwarded_for: list[bytes] = []
+    seen_host = seen_proto = seen_fwd_host = False
+    client_host = b""
+    for name, value in end_to_end(raw):
+        lower = name.lower()
+        if lower == b"host":
+            if seen_host:  # llhttp allows a repeat; one Host goes upstream
+                continue
+            seen_host = True
+            client_host = value
+            if host is not None:
+                value = host
+        elif lower == b"x-forwarded-for":
+            forwarded_for.append(value)
+            continue
+        elif lower == b"expect":
+            continue
+        elif lower == b"x-forwarded-proto":
+            seen_proto = True
+        elif lower == b"x-forwarded-host":
+            seen_fwd_host = True
+        lines.append(name + b": " + value)
+    if not seen_host:
+        client_host = host or default_host
+        lines.append(b"Host: " + client_host)
     if peer:
-        prior.append(peer)
-    if prior:
-        out[X_FORWARDED_FOR] = ", ".join(prior)
-    if X_FORWARDED_PROTO not in out:
-        out[X_FORWARDED_PROTO] = scheme
-    if X_FORWARDED_HOST not in out:
-        host = out.get(HOST)
-        if host:
-            out[X_FORWARDED_HOST] = host
-    out[X_REQUEST_ID] = request_id
-    return out
+        forwarded_for.append(peer.encode("ascii", "replace"))
+    if forwarded_for:
+        lines.append(b"X-Forwarded-For: " + b", ".join(forwarded_for))
+    if not seen_proto:
+        lines.append(b"X-Forwarded-Proto: " + scheme.encode("ascii"))
+    if not seen_fwd_host and client_host:
+        lines.append(b"X-Forwarded-Host: " + client_host)
+    if request_id is not None:
+        lines.append(b"X-Request-Id: " + request_id.encode("ascii"))
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def head_bytes(status_line: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A response head from raw header pairs."""
+    lines = [status_line.encode("latin-1")]
+    lines.extend(name + b": " + value for name, value in headers)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 def trace_id_of(traceparent: str | None) -> str | None:

@@ -7,6 +7,11 @@ pieces directly: `ResponseHandler` (its C response parser, body `StreamReader` w
 flow control, disconnect handling) and `StreamWriter` (header serialization, chunked
 framing, drain). Nothing here parses HTTP by hand.
 
+Request heads arrive already serialised (`forwarding.request_head`: the client's header
+bytes as received); the pool writes them to the transport and lets `StreamWriter` frame
+the body. The aiohttp internals used here are exercised by tests/test_aiohttp_contract.py,
+which names the one that changed when an aiohttp release breaks them.
+
 Connections are reused LIFO while the upstream keeps them alive; one that died while
 idle is discarded, and an idempotent request without a body that fails before any
 response byte on a reused connection is retried once on a fresh one (RFC 9112 9.3.1).
@@ -25,8 +30,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.http_writer import StreamWriter
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
+from multidict import CIMultiDictProxy
 from yarl import URL
+
+from .forwarding import RawHeaders
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _READ_BUFSIZE = 2**16
@@ -40,10 +47,13 @@ class UpstreamReset(ConnectionError):
     """The upstream closed or broke the connection before a complete response head."""
 
 
-class Exchange(NamedTuple):
+class UpstreamResponse(NamedTuple):
+    """A response head that has arrived; the body is still to be read."""
+
     status: int
     reason: str
-    headers: CIMultiDict[str]  # a proxy of the parsed message headers, case kept
+    headers: CIMultiDictProxy[str]  # for lookups (names canonicalised by the parser)
+    raw_headers: RawHeaders  # for forwarding: bytes as received
     body: StreamReader
     connection: ResponseHandler
 
@@ -98,11 +108,13 @@ class UpstreamPool:
     async def request(
         self,
         method: str,
-        target: str,
-        headers: CIMultiDict[str],
+        head: bytes,
         body: AsyncIterator[bytes] | None,
-    ) -> Exchange:
-        """Send one request and return once the response head has arrived.
+        content_length: bool,
+    ) -> UpstreamResponse:
+        """Send one request (``head``: its serialised head; ``content_length``: whether
+        the head frames the body by Content-Length, else it is sent chunked) and return
+        once the response head has arrived.
 
         The caller reads `body` and then calls `release(connection)`, or closes the
         connection on any failure or cancellation.
@@ -112,36 +124,36 @@ class UpstreamPool:
         if proto is None:  # not `proto or ...`: an idle ResponseHandler has len() 0
             proto = await self._connect()
         try:
-            return await self._attempt(proto, method, target, headers, body)
+            return await self._attempt(proto, method, head, body, content_length)
         except UpstreamReset:
             if not (reused and body is None and method in _IDEMPOTENT):
                 raise
         # the upstream had closed the idle connection we picked: once more, fresh
-        return await self._attempt(await self._connect(), method, target, headers, body)
+        return await self._attempt(await self._connect(), method, head, body, content_length)
 
     async def _attempt(
         self,
         proto: ResponseHandler,
         method: str,
-        target: str,
-        headers: CIMultiDict[str],
+        head: bytes,
         body: AsyncIterator[bytes] | None,
-    ) -> Exchange:
-        """One exchange on one connection; the connection is closed if it fails."""
+        content_length: bool,
+    ) -> UpstreamResponse:
+        """One request on one connection; the connection is closed if it fails."""
         try:
-            return await self._exchange(proto, method, target, headers, body)
+            return await self._send_and_read_head(proto, method, head, body, content_length)
         except BaseException:
             proto.close()
             raise
 
-    async def _exchange(
+    async def _send_and_read_head(
         self,
         proto: ResponseHandler,
         method: str,
-        target: str,
-        headers: CIMultiDict[str],
+        head: bytes,
         body: AsyncIterator[bytes] | None,
-    ) -> Exchange:
+        content_length: bool,
+    ) -> UpstreamResponse:
         loop = self._loop
         assert loop is not None
         proto.set_response_params(
@@ -151,12 +163,14 @@ class UpstreamPool:
             read_bufsize=_READ_BUFSIZE,
         )
         writer = StreamWriter(proto, loop)
-        if body is not None and "Content-Length" not in headers:
-            headers["Transfer-Encoding"] = "chunked"
-            writer.enable_chunking()
-        await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
         try:
+            transport = proto.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("upstream connection closed")
+            transport.write(head)
             if body is not None:
+                if not content_length:
+                    writer.enable_chunking()
                 async for chunk in body:
                     await writer.write(chunk)
             await writer.write_eof()
@@ -171,7 +185,14 @@ class UpstreamPool:
             raise UpstreamReset(str(exc) or type(exc).__name__) from None
         except (HttpProcessingError, ClientResponseError) as exc:  # not HTTP at all
             raise UpstreamReset(f"invalid response: {str(exc)[:120]}") from None
-        return Exchange(message.code, message.reason, message.headers, payload, proto)  # type: ignore[arg-type]
+        return UpstreamResponse(
+            message.code,
+            message.reason,
+            message.headers,
+            message.raw_headers,
+            payload,  # type: ignore[arg-type]
+            proto,
+        )
 
     def close(self) -> None:
         for proto in self._idle:
