@@ -10,9 +10,8 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
-from .proxy import Proxy
+from aiohttp import hdrs, web
+from yarl import URL
 
 JsonView = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
 MetricsView = Callable[[web.Request], Awaitable[web.Response]]
@@ -21,8 +20,11 @@ MetricsView = Callable[[web.Request], Awaitable[web.Response]]
 class UpstreamProbe:
     """Is the upstream accepting TCP connections? Cached for one second."""
 
-    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
-        self._host, self._port, self._timeout = host, port, timeout
+    def __init__(self, upstream_url: str, timeout: float = 1.0) -> None:
+        url = URL(upstream_url)
+        self._host = url.host or "127.0.0.1"
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._timeout = timeout
         self._checked_at = -1e9
         self._ok = False
         self._lock = asyncio.Lock()
@@ -44,19 +46,20 @@ class UpstreamProbe:
 
 
 def build_admin_app(
-    proxy: Proxy,
+    draining: Callable[[], bool],
     probe: UpstreamProbe,
     *,
     json_views: dict[str, JsonView] | None = None,
     metrics: MetricsView | None = None,
 ) -> web.Application:
     app = web.Application()
+    app.on_response_prepare.append(_no_server_header)
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        if proxy.draining:
+        if draining():
             return web.json_response({"status": "draining"}, status=503)
         if not await probe.ok():
             return web.json_response({"status": "upstream unavailable"}, status=503)
@@ -69,6 +72,10 @@ def build_admin_app(
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
     return app
+
+
+async def _no_server_header(_: web.Request, response: web.StreamResponse) -> None:
+    response.headers.popall(hdrs.SERVER, None)
 
 
 def _json_handler(view: JsonView) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -12,7 +12,6 @@ slow upstream cannot flood the sinks.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -133,14 +132,6 @@ class BreachDetector:
 
     def active_json(self) -> list[dict[str, Any]]:
         return [a.as_json() for a in self.active.values()]
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                self.evaluate()
-            except Exception:
-                log.exception("breach evaluation failed")
 
 
 class SlowRequests:

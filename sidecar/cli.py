@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, load_settings, unknown_variables
+from .listeners import StartupError
 from .logs import flush_logging, setup_logging
+from .signals import StopSignals
 
 EXIT_CONFIG = 2
 
@@ -44,6 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings.log_level, settings.log_format)
+    for warning in unknown_variables():
+        logging.getLogger("sidecar.config").warning(warning)
     try:
         return run_async(serve(settings))
     finally:
@@ -52,6 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    for warning in unknown_variables():
+        print(f"warning: {warning}", file=sys.stderr)
     width = max(len(k) for k in settings.masked())
     print("configuration OK; effective settings:")
     for key, value in settings.masked().items():
@@ -85,14 +91,14 @@ def cmd_demo_gateway(args: argparse.Namespace) -> int:
     setup_logging("info", "json")
 
     async def main() -> int:
-        runner = await serve_gateway(where.host, where.port, seed=args.seed)
-        print(f"demo gateway listening on {where}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
+        async with StopSignals() as stop:
+            try:
+                runner = await serve_gateway(where.host, where.port, seed=args.seed)
+            except OSError as exc:
+                raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
+            print(f"demo gateway listening on {where}", flush=True)
+            await stop.wait()
+            await runner.cleanup()
         return 0
 
     return run_async(main())
@@ -123,22 +129,15 @@ def cmd_demo_traffic(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         traffic = Traffic(args.target, rps=args.rps)
-        task = asyncio.create_task(traffic.run())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            if args.duration:
-                await asyncio.wait_for(asyncio.shield(task), args.duration)
-            else:
-                await task
-        task.cancel()
+        async with StopSignals() as stop:
+            task = asyncio.create_task(traffic.run())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.duration)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         return 0
 
-    try:
-        return run_async(main())
-    except TimeoutError:
-        return 0
+    return run_async(main())
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -232,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         print(f"latency-sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
+import os
 import re
+import resource
 import socket
 from itertools import pairwise
 from typing import Annotated, Any, Literal, NamedTuple
@@ -82,6 +85,10 @@ class Settings(BaseSettings):
     listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:8000")
     admin_listen: Annotated[HostPort, NoDecode] = parse_host_port("0.0.0.0:9901")
     upstream_timeout_s: float = Field(60.0, gt=0)
+    max_connections: int | None = Field(None, ge=1)
+    client_header_timeout_s: float = Field(10.0, gt=0)
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    client_idle_timeout_s: float = Field(60.0, gt=0)
     windows_s: Annotated[list[int], NoDecode] = [60, 300]
     p95_threshold_ms: float = Field(100.0, gt=0)
     p99_threshold_ms: float = Field(250.0, gt=0)
@@ -185,6 +192,17 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        listeners = [("SIDECAR_LISTEN", self.listen), ("SIDECAR_ADMIN_LISTEN", self.admin_listen)]
+        if self.profiling_enabled:
+            listeners.append(("SIDECAR_PROFILING_LISTEN", self.profiling_listen))
+        for i, (name, where) in enumerate(listeners):
+            for other, there in listeners[:i]:
+                if where.port and where.port == there.port and _overlap(where.host, there.host):
+                    raise ValueError(f"{name}: {where} is the same port as {other} ({there})")
+        return self
+
+    @model_validator(mode="after")
     def _profiling(self) -> Settings:
         token = self.profiling_token.get_secret_value()
         if self.profiling_enabled and len(token) < MIN_PROFILING_TOKEN_LEN:
@@ -193,6 +211,16 @@ class Settings(BaseSettings):
                 f"{MIN_PROFILING_TOKEN_LEN} characters is required"
             )
         return self
+
+    @property
+    def effective_max_connections(self) -> int:
+        """SIDECAR_MAX_CONNECTIONS, or 90% of the file-descriptor limit."""
+        if self.max_connections is not None:
+            return self.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        return max(1, int(soft * 0.9))
 
     @property
     def breach_window_s(self) -> int:
@@ -212,10 +240,49 @@ class Settings(BaseSettings):
                 text = ""
             else:
                 text = _fmt(value)
-            if name in ("redis_url", "alertmanager_url") or name == "webhook_urls":
-                text = re.sub(r"//([^/@\s]*)@", "//****@", text)
+            if name in _URL_FIELDS:
+                text = ",".join(redact_url(u) for u in text.split(","))
             out[ENV_PREFIX + name.upper()] = text
         return out
+
+
+_URL_FIELDS = ("upstream_url", "redis_url", "alertmanager_url", "webhook_urls")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@")
+_SECRET_QUERY = re.compile(
+    r"([?&](?:[^=&#]*(?:token|secret|password|passwd|pwd|key|sig|signature|auth)[^=&#]*)=)[^&#]*",
+    re.IGNORECASE,
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its credentials masked: the userinfo part and the values of query
+    parameters whose names suggest a secret."""
+    url = _USERINFO.sub(lambda m: m.group(1) + "****@", url)
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + "****", url)
+
+
+def _overlap(a: str, b: str) -> bool:
+    wildcard = {"0.0.0.0", "::", ""}
+    return a == b or a in wildcard or b in wildcard
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """One warning per ``SIDECAR_*`` variable that is not a setting (a typo, usually),
+    naming the closest known one."""
+    env = os.environ if environ is None else environ
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    known |= EXTRA_VARIABLES
+    warnings = []
+    for var in sorted(env):
+        if var.upper().startswith(ENV_PREFIX) and var.upper() not in known:
+            close = difflib.get_close_matches(var.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{var} is not a latency-sidecar setting and is ignored{hint}")
+    return warnings
+
+
+# SIDECAR_* variables read by commands other than `run`, not by Settings
+EXTRA_VARIABLES: frozenset[str] = frozenset()
 
 
 def _fmt(v: Any) -> str:

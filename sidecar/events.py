@@ -83,14 +83,19 @@ class Event:
 
 
 class Sink(Protocol):
+    """A delivery target. Entering it starts its delivery task (and opens its client);
+    leaving it stops the task and closes the client. `flush` first, to deliver."""
+
     name: str
     label: str
 
     def enqueue(self, event: Event) -> None: ...
 
-    async def run(self) -> None: ...
-
     async def flush(self, within_s: float) -> None: ...
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
 
 
 _LEVEL = {
@@ -114,6 +119,10 @@ class EventBus:
                 extra={"event": event.fields()})  # fmt: skip
         for sink in self.sinks:
             sink.enqueue(event)
+
+    def recent_json(self) -> list[dict[str, Any]]:
+        """The last events, newest first (`/breaches`)."""
+        return [e.as_json() for e in reversed(self.recent)]
 
     async def flush(self, within_s: float) -> None:
         """Give every sink up to ``within_s`` seconds (together) to deliver its queue."""

@@ -90,6 +90,19 @@ class Metrics:
             ["sink", "result"],
             registry=reg,
         )
+        self.connections_open = Gauge(
+            "sidecar_connections_open",
+            "Client connections open, per listener.",
+            ["listener"],
+            registry=reg,
+        )
+        self.connections_rejected = Counter(
+            "sidecar_connections_rejected_total",
+            "Client connections closed by a limit: connection_limit, header_timeout, "
+            "stalled_reader, bad_request.",
+            ["listener", "reason"],
+            registry=reg,
+        )
         self.queue_depth = Gauge(
             "sidecar_event_queue_depth", "Events waiting per sink.", ["sink"], registry=reg
         )

@@ -8,7 +8,6 @@ is cached until the next tick.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -75,7 +74,7 @@ class Snapshot:
 
 
 class Percentiles:
-    """The observer. Start `run()` as a background task to advance the windows."""
+    """The observer. `tick()` once a second (the server's ticker) advances the windows."""
 
     TICK_S = 1
 
@@ -137,14 +136,3 @@ class Percentiles:
     def last_snapshot(self) -> Snapshot | None:
         """The last computed snapshot, never computing: safe from another thread."""
         return self._snapshot
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + self.TICK_S
-        while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            next_at += self.TICK_S
-            try:
-                self.tick()
-            except Exception:  # keep ticking: a bug here must not freeze percentiles
-                log.exception("percentile tick failed")

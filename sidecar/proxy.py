@@ -2,41 +2,86 @@
 
 The handler knows nothing of percentiles, metrics or events: it builds one immutable
 `TimingRecord` per request and hands it to its observers, synchronously and in O(1).
+
+Time limits of one request (README "Limits and hostile input"):
+- ``upstream_timeout_s`` from the end of the request body to the upstream's response
+  head (504). A body that is already complete when the handler starts, the usual case,
+  needs one timer for the whole exchange;
+- a streaming upload is watched by the same timer, re-armed lazily: while body bytes
+  move it keeps waiting; ``client_idle_timeout_s`` without progress ends it, as the
+  client's fault (408) when the proxy waits on the client, else the upstream's (504).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Final
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http_writer import StreamWriter
 
-from .config import Settings
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
-    strip_in_place,
+    end_to_end,
+    head_bytes,
+    request_head,
     trace_id_of,
-    upstream_request_headers,
 )
 from .ids import new_id
-from .record import CLIENT_DISCONNECT, Observer, TimingRecord, latency_of
+from .record import CLIENT_DISCONNECT, CLIENT_TIMEOUT, Observer, TimingRecord, latency_of
+from .responses import error_response
 from .routes import RouteLabeler
 from .upstream import ConnectFailed, UpstreamPool, UpstreamReset
 
 log = logging.getLogger(__name__)
 
-_CHUNK: Final = 64 * 1024
 _EVENT_STREAM: Final = "text/event-stream"
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]*)(.*)", re.S)
 _perf = time.perf_counter
 _wall = time.time
 
 
-class _BufferedResponse(web.StreamResponse):
+class _ProxyResponse(web.StreamResponse):
+    """Sends the upstream's head as it came: its end-to-end header bytes, plus the
+    framing aiohttp decided for this client (chunked or not, keep-alive or not) and
+    the X-Request-Id when the upstream sent none. Nothing else: no `Server`, `Date`
+    or `Content-Type` the upstream did not send."""
+
+    def __init__(self, status: int, reason: str, raw: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(status=status, reason=reason)
+        self._raw = raw
+
+    async def _write_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        lines = self._raw
+        headers = self._headers
+        if hdrs.TRANSFER_ENCODING in headers:  # aiohttp chose chunked framing
+            lines.append((b"Transfer-Encoding", b"chunked"))
+        connection = headers.get(hdrs.CONNECTION)
+        if connection is not None:
+            lines.append((b"Connection", connection.encode("latin-1")))
+        request_id = headers.get(X_REQUEST_ID)
+        if request_id is not None:  # set only when the upstream sent none
+            lines.append((b"X-Request-Id", request_id.encode("utf-8", "surrogateescape")))
+        version = request.version
+        assert isinstance(writer, StreamWriter)
+        writer._headers_buf = head_bytes(  # what StreamWriter.write_headers stores
+            f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}", lines
+        )
+        writer._headers_written = False
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+
+class _BufferedResponse(_ProxyResponse):
     """Headers go out with the first body chunk: one write for small responses."""
 
     _send_headers_immediately = False
@@ -49,29 +94,27 @@ class UpstreamError(Exception):
         self.status = status
 
 
-def _error_response(status: int, kind: str, message: str, request_id: str) -> web.Response:
-    return web.json_response(
-        {"error": {"type": f"upstream_{kind}", "message": message, "request_id": request_id}},
-        status=status,
-        headers={X_REQUEST_ID: request_id},
-    )
-
-
 class Proxy:
-    """Forwards every request to ``settings.upstream_url``.
+    """Forwards every request to ``upstream_url``.
 
-    `in_flight` and `draining` are read by the admin listener and the server's
-    shutdown sequence.
+    `in_flight` and `draining` are read by the admin listener and the shutdown sequence.
     """
 
     def __init__(
-        self, settings: Settings, labeler: RouteLabeler, observers: Sequence[Observer] = ()
+        self,
+        upstream_url: str,
+        labeler: RouteLabeler,
+        observers: Sequence[Observer] = (),
+        *,
+        upstream_timeout_s: float,
+        client_idle_timeout_s: float = 60.0,
     ) -> None:
-        self._base = settings.upstream_url
-        self._timeout = settings.upstream_timeout_s
+        self._pool = UpstreamPool(upstream_url)
+        self._default_host = self._pool.authority.encode("ascii")
+        self._timeout = upstream_timeout_s
+        self._idle_timeout = client_idle_timeout_s
         self._labeler = labeler
         self._observers: tuple[Observer, ...] = tuple(observers)
-        self._pool: UpstreamPool | None = None
         self.in_flight = 0
         self.draining = False
         self._idle: asyncio.Event | None = None
@@ -79,14 +122,12 @@ class Proxy:
     def add_observer(self, observer: Observer) -> None:
         self._observers = (*self._observers, observer)
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> Proxy:
         self._loop = asyncio.get_running_loop()
-        self._pool = UpstreamPool(self._base)
+        return self
 
-    async def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+    async def __aexit__(self, *_: object) -> None:
+        self._pool.close()
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
@@ -106,17 +147,18 @@ class Proxy:
         wall = _wall()
         self.in_flight += 1
         headers = request.headers
-        request_id = headers.get(X_REQUEST_ID) or new_id()
+        client_id = headers.get(X_REQUEST_ID)
+        request_id = client_id or new_id()
         route = self._labeler.label(request.path)
-        state = _Exchange()
+        state = _RequestState()
         try:
-            response = await self._forward(request, request_id, state)
-            return response
+            return await self._forward(request, request_id, client_id is None, state)
         except UpstreamError as exc:
-            state.error = exc.kind
+            state.error = exc.kind if exc.status != 408 else CLIENT_TIMEOUT
             state.status = exc.status
-            response = _error_response(exc.status, exc.kind, str(exc), request_id)
-            if self.draining:
+            kind = "client_timeout" if exc.status == 408 else f"upstream_{exc.kind}"
+            response = error_response(exc.status, kind, str(exc), request_id)
+            if self.draining or exc.status == 408:
                 response.force_close()
             return response
         except asyncio.CancelledError:  # client disconnected before the response began
@@ -132,89 +174,122 @@ class Proxy:
             stream = state.stream
             self._emit(
                 TimingRecord(
-                    start,
-                    state.sent_at,
-                    state.headers_at,
-                    state.upstream_end,
-                    first_byte_at,
-                    end,
-                    wall,
-                    request.method,
-                    route,
-                    state.status,
-                    state.bytes_in,
-                    state.bytes_out,
-                    stream,
-                    request_id,
-                    trace_id_of(headers.get("traceparent")),
-                    state.error,
-                    latency_of(start, first_byte_at, end, stream),
+                    start=start,
+                    sent_at=state.sent_at,
+                    headers_at=state.headers_at,
+                    upstream_end=state.upstream_end,
+                    first_byte_at=first_byte_at,
+                    end=end,
+                    wall=wall,
+                    method=request.method,
+                    route=route,
+                    status=state.status,
+                    bytes_in=state.bytes_in,
+                    bytes_out=state.bytes_out,
+                    stream=stream,
+                    request_id=request_id,
+                    trace_id=trace_id_of(headers.get("traceparent")),
+                    error=state.error,
+                    latency=latency_of(start, first_byte_at, end, stream),
                 )
             )
 
-    async def _forward(
-        self, request: web.BaseRequest, request_id: str, state: _Exchange
-    ) -> web.StreamResponse:
-        pool = self._pool
-        assert pool is not None, "Proxy.start() not awaited"
-        if "Upgrade" in request.headers:
-            state.status = 501
-            return web.json_response(
-                {
-                    "error": {
-                        "type": "not_implemented",
-                        "message": "protocol upgrade (WebSocket, h2c) is not proxied",
-                    }
-                },
-                status=501,
-                headers={X_REQUEST_ID: request_id},
-            )
-        if request.headers.get(EXPECT, "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    def _refuse(self, state: _RequestState, status: int, kind: str, message: str) -> web.Response:
+        state.status = status
+        state.error = kind
+        response = error_response(status, kind, message, "")
+        response.force_close()
+        return response
 
-        out_headers = upstream_request_headers(
-            request.headers,
+    async def _forward(
+        self, request: web.BaseRequest, request_id: str, add_id: bool, state: _RequestState
+    ) -> web.StreamResponse:
+        method = request.method
+        if method == "CONNECT":
+            refused = self._refuse(state, 405, "method_not_allowed", "CONNECT is not proxied")
+            refused.headers[hdrs.ALLOW] = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+            return refused
+        raw_target = request.raw_path
+        host: bytes | None = None
+        if raw_target.startswith("/"):
+            target = raw_target.encode("utf-8", "surrogateescape")
+        elif raw_target == "*" and method == "OPTIONS":
+            target = b"*"
+        elif m := _ABSOLUTE_FORM.fullmatch(raw_target):
+            # RFC 9112 3.2.2: the target's authority replaces Host; the upstream gets
+            # the origin form, never an absolute URL it might fetch
+            host = m.group(1).encode("utf-8", "surrogateescape")
+            rest = m.group(2)
+            target = (rest if rest.startswith("/") else "/" + rest).encode(
+                "utf-8", "surrogateescape"
+            )
+        else:
+            return self._refuse(state, 400, "bad_request", "unsupported request target")
+        upgrade = request.headers.get(hdrs.UPGRADE)
+        if upgrade is not None and upgrade.strip().lower() != "h2c":
+            # h2c offers are ignored (RFC 9113 3.1): Upgrade is hop-by-hop, dropped below
+            return self._refuse(
+                state, 501, "not_implemented", "protocol upgrade (WebSocket) is not proxied"
+            )
+        body_exists = request.body_exists
+        if body_exists and request.headers.get(EXPECT, "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        head = request_head(
+            method,
+            target,
+            request.raw_headers,
             peer=request.remote,
             scheme=request.scheme,
-            request_id=request_id,
+            request_id=request_id if add_id else None,
+            host=host,
+            default_host=self._default_host,
+            chunked=body_exists and hdrs.CONTENT_LENGTH not in request.headers,
         )
-        body = _body_iter(request, state) if request.body_exists else None
+        task = asyncio.current_task()
+        assert task is not None
+        body: AsyncIterator[bytes] | None = None
+        if body_exists:
+            body = self._body(request, state, task)
         state.sent_at = _perf()
         # A bare timer rather than asyncio.timeout(): same semantics (cancel the task,
         # tell our cancellation from a client disconnect by uncancel()), a few µs less.
-        task = asyncio.current_task()
-        assert task is not None
-        timer = self._loop.call_later(self._timeout, _expire, task, state)
+        state.timer = self._loop.call_later(self._timeout, self._expire, task, state)
         try:
-            upstream = await pool.request(request.method, request.raw_path, out_headers, body)
+            upstream = await self._pool.request(
+                method, head, body, hdrs.CONTENT_LENGTH in request.headers
+            )
         except asyncio.CancelledError:
             if state.timed_out and task.uncancel() == 0:
+                if state.timed_out == CLIENT_TIMEOUT:
+                    raise UpstreamError(
+                        "client", 408, f"request body stalled for {self._idle_timeout:g}s"
+                    ) from None
                 raise UpstreamError(
-                    "timeout", 504, f"no response headers from upstream within {self._timeout:g}s"
+                    "timeout", 504, f"no response from upstream within {self._timeout:g}s"
                 ) from None
             raise
-        except ConnectFailed as exc:
-            raise UpstreamError("connect", 502, f"upstream unreachable: {exc}") from None
-        except UpstreamReset as exc:
+        except ConnectFailed:
+            raise UpstreamError("connect", 502, "upstream unreachable") from None
+        except UpstreamReset:
             raise UpstreamError(
-                "reset", 502, f"upstream reset the connection: {str(exc)[:120]}"
+                "reset", 502, "upstream closed the connection or sent an invalid response"
             ) from None
         finally:
-            timer.cancel()
+            state.timer.cancel()
 
         connection = upstream.connection
         state.headers_at = _perf()
         state.status = upstream.status
         stream = upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith(_EVENT_STREAM)
         state.stream = stream
-        response = (web.StreamResponse if stream else _BufferedResponse)(
-            status=upstream.status, reason=upstream.reason
+        response: _ProxyResponse = (_ProxyResponse if stream else _BufferedResponse)(
+            upstream.status, upstream.reason, end_to_end(upstream.raw_headers)
         )
-        resp_headers = response.headers
-        resp_headers.extend(upstream.headers)  # one C-level copy, then filtered
-        strip_in_place(resp_headers)
-        if X_REQUEST_ID not in resp_headers:
-            resp_headers[X_REQUEST_ID] = request_id
+        length = upstream.headers.get(hdrs.CONTENT_LENGTH)
+        if length is not None:  # aiohttp frames by it; the header itself goes out raw
+            response.headers[hdrs.CONTENT_LENGTH] = length
+        if X_REQUEST_ID not in upstream.headers:
+            response.headers[X_REQUEST_ID] = request_id
         if self.draining:
             response.force_close()
         try:
@@ -234,20 +309,58 @@ class Proxy:
             # Headers are gone already: the only honest signal left is to cut the
             # client connection so it sees a truncated response.
             state.error = "reset"
-            log.debug("upstream broke mid-body: %s", exc)
+            log.debug("upstream broke mid-body: %s", type(exc).__name__)
             if request.transport is not None:
                 request.transport.close()
             return response
         finally:
             if state.upstream_end is None:  # body not read to the end: never reuse it
                 connection.close()
-        pool.release(connection)
+        self._pool.release(connection)
         await response.write_eof()
         return response
 
+    def _expire(self, task: asyncio.Task[object], state: _RequestState) -> None:
+        """The request's timer fired. During a streaming upload, progress since the
+        last check re-arms it; otherwise the side the proxy waits on is to blame."""
+        if state.uploading:
+            if state.bytes_in != state.progress_mark:
+                state.progress_mark = state.bytes_in
+                state.timer = self._loop.call_later(self._idle_timeout, self._expire, task, state)
+                return
+            state.timed_out = CLIENT_TIMEOUT if state.reading_client else "upstream"
+        else:
+            state.timed_out = "upstream"
+        task.cancel()
 
-class _Exchange:
-    """Mutable scratch state of one exchange; frozen into a TimingRecord at the end."""
+    async def _body(
+        self, request: web.BaseRequest, state: _RequestState, task: asyncio.Task[object]
+    ) -> AsyncIterator[bytes]:
+        content = request.content
+        if content.is_eof():  # the whole body arrived with the head: nothing to wait on
+            while chunk := await content.readany():
+                state.bytes_in += len(chunk)
+                yield chunk
+            return
+        state.uploading = True
+        state.timer.cancel()
+        state.timer = self._loop.call_later(self._idle_timeout, self._expire, task, state)
+        while True:
+            state.reading_client = True
+            chunk = await content.readany()
+            state.reading_client = False
+            if not chunk:
+                break
+            state.bytes_in += len(chunk)
+            yield chunk
+        # SPEC: the upstream timeout counts from the end of the request body
+        state.uploading = False
+        state.timer.cancel()
+        state.timer = self._loop.call_later(self._timeout, self._expire, task, state)
+
+
+class _RequestState:
+    """Mutable scratch state of one request; frozen into a TimingRecord at the end."""
 
     __slots__ = (
         "bytes_in",
@@ -255,10 +368,14 @@ class _Exchange:
         "error",
         "first_byte_at",
         "headers_at",
+        "progress_mark",
+        "reading_client",
         "sent_at",
         "status",
         "stream",
         "timed_out",
+        "timer",
+        "uploading",
         "upstream_end",
     )
 
@@ -271,16 +388,9 @@ class _Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.stream = False
-        self.timed_out = False
+        self.timed_out: str | None = None
         self.error: str | None = None
-
-
-def _expire(task: asyncio.Task[object], state: _Exchange) -> None:
-    state.timed_out = True
-    task.cancel()
-
-
-async def _body_iter(request: web.BaseRequest, state: _Exchange) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(_CHUNK):
-        state.bytes_in += len(chunk)
-        yield chunk
+        self.uploading = False
+        self.reading_client = False
+        self.progress_mark = 0
+        self.timer: asyncio.TimerHandle

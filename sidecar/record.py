@@ -28,7 +28,8 @@ class TimingRecord(NamedTuple):
     stream: bool  # response was text/event-stream
     request_id: str
     trace_id: str | None
-    error: str | None  # None, "connect", "timeout", "reset", "client_disconnect"
+    error: str | None  # None, "connect", "timeout", "reset", "client_disconnect",
+    # "client_timeout", or a refusal ("bad_request", "method_not_allowed", ...)
     # What percentiles, breaches and the duration histogram use: time to first body
     # byte for streams, else the total. Computed once by `latency_of`.
     latency: float
@@ -48,3 +49,4 @@ class Observer(Protocol):
 
 UPSTREAM_ERRORS = ("connect", "timeout", "reset")
 CLIENT_DISCONNECT = "client_disconnect"
+CLIENT_TIMEOUT = "client_timeout"

@@ -65,6 +65,8 @@ class UpstreamPool:
         url = URL(base_url)
         self.host = url.host or "127.0.0.1"
         self.port = url.port or (443 if url.scheme == "https" else 80)
+        # what a request without Host gets: the upstream's own authority
+        self.authority = url.raw_authority.rpartition("@")[2] or self.host
         self._ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if url.scheme == "https" else None
         )
@@ -190,7 +192,7 @@ class UpstreamPool:
             message.reason,
             message.headers,
             message.raw_headers,
-            payload,  # type: ignore[arg-type]
+            payload,
             proto,
         )
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -13,6 +13,7 @@ from aiohttp import web
 from sidecar.config import Settings, load_settings
 from sidecar.record import TimingRecord
 from sidecar.server import Sidecar
+from sidecar.ticker import ManualTicker
 
 from .upstream import Upstream
 
@@ -69,25 +70,20 @@ SidecarFactory = Callable[..., Any]
 
 @pytest.fixture
 async def make_sidecar() -> AsyncIterator[SidecarFactory]:
-    started: list[Sidecar] = []
-
     async def factory(upstream_url: str, manual_clock: bool = False, **overrides: Any) -> Sidecar:
         settings: Settings = load_settings(
             upstream_url=upstream_url,
             listen="127.0.0.1:0",
             admin_listen="127.0.0.1:0",
             instance="test-pod",
-            **overrides,
+            **{"shutdown_grace_s": 0.5, **overrides},
         )
-        sc = Sidecar(settings, manual_clock=manual_clock)
-        await sc.start()
-        started.append(sc)
+        sc = Sidecar(settings, ticker=ManualTicker() if manual_clock else None)
+        await stack.enter_async_context(sc)
         return sc
 
-    yield factory
-    for sc in started:
-        sc.settings = sc.settings.model_copy(update={"shutdown_grace_s": 0.5})
-        await sc.shutdown()
+    async with AsyncExitStack() as stack:
+        yield factory
 
 
 @pytest.fixture

@@ -176,8 +176,12 @@ async def test_stream_is_trimmed_approximately(upstream, make_sidecar, redis_ser
     assert last["request_id"] == "seq-999"
 
 
+def redis_sink(sc):
+    return next(sink for sink in sc.bus.sinks if sink.name == "redis")
+
+
 async def _sink_idle(sc):
-    return sc.redis_sink is not None and len(sc.redis_sink) == 0
+    return len(redis_sink(sc)) == 0
 
 
 async def _outage(upstream, make_sidecar, redis_server, break_it, heal_it):
@@ -202,7 +206,7 @@ async def _outage(upstream, make_sidecar, redis_server, break_it, heal_it):
         assert raised
         published += [e.event_id for e in raised]
         during += await traffic(client, base, 0, n=100)
-        assert len(sc.redis_sink) > 0  # nothing could be delivered meanwhile
+        assert len(redis_sink(sc)) > 0  # nothing could be delivered meanwhile
         heal_it()
         await wait_until(lambda: _sink_idle(sc), timeout=30)
     ids = [f["event_id"] for _, f in await stream_entries(redis_server.url)]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from typing import Any, TextIO
 
 from ..config import load_settings
 from ..server import Sidecar
+from ..signals import StopSignals
 from .gateway import serve_gateway
-from .table import ErrorCounter, render
+from .table import ErrorCounter, breach_names, render
 from .traffic import Traffic
 
 CLEAR = "\x1b[H\x1b[2J"
@@ -26,12 +26,32 @@ async def run_demo(
     **overrides: Any,
 ) -> int:
     gateway = await serve_gateway("127.0.0.1", 0)
-    gw_port = gateway.addresses[0][1]
-    settings = load_settings(upstream_url=f"http://127.0.0.1:{gw_port}", **overrides)
-    sidecar = Sidecar(settings)
-    errors = ErrorCounter()
-    sidecar.proxy.add_observer(errors)
-    await sidecar.start()
+    try:
+        gw_port = gateway.addresses[0][1]
+        settings = load_settings(upstream_url=f"http://127.0.0.1:{gw_port}", **overrides)
+        sidecar = Sidecar(settings)
+        errors = ErrorCounter()
+        sidecar.proxy.add_observer(errors)
+        async with StopSignals() as stop, sidecar:
+            traffic = await _show(sidecar, gw_port, rps, refresh_s, duration, errors, stop, out)
+    finally:
+        await gateway.cleanup()
+    print(f"demo finished: {traffic.sent} requests sent, {traffic.failed} failed", file=out)
+    return 0
+
+
+async def _show(
+    sidecar: Sidecar,
+    gw_port: int,
+    rps: float,
+    refresh_s: float,
+    duration: float | None,
+    errors: ErrorCounter,
+    stop: StopSignals,
+    out: TextIO,
+) -> Traffic:
+    """Print where everything listens, send traffic, refresh the table until stopped."""
+    settings = sidecar.settings
     host = settings.listen.host if settings.listen.host not in ("0.0.0.0", "::") else "127.0.0.1"
     admin_host = settings.admin_listen.host
     admin_host = admin_host if admin_host not in ("0.0.0.0", "::") else "127.0.0.1"
@@ -47,29 +67,21 @@ async def run_demo(
     )
     traffic = Traffic(f"http://{host}:{sidecar.proxy_port}", rps=rps)
     traffic_task = asyncio.create_task(traffic.run(), name="demo-traffic")
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     started = loop.time()
     tty = out.isatty()
     try:
-        while not stop.is_set():
+        while not stop.stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), refresh_s)
             elapsed = loop.time() - started
             table = render(
-                sidecar.percentiles.snapshot(), errors, elapsed, sidecar.active_breach_names()
+                sidecar.percentiles.snapshot(), errors, elapsed, breach_names(sidecar.detector)
             )
             print((CLEAR if tty else "") + table + "\n", file=out, flush=True)
             if duration is not None and elapsed >= duration:
                 break
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         traffic_task.cancel()
         await asyncio.gather(traffic_task, return_exceptions=True)
-        await sidecar.shutdown()
-        await gateway.cleanup()
-    print(f"demo finished: {traffic.sent} requests sent, {traffic.failed} failed", file=out)
-    return 0
+    return traffic

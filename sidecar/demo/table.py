@@ -6,6 +6,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 
+from ..breach import BreachDetector
 from ..percentiles import Snapshot
 from ..record import UPSTREAM_ERRORS, TimingRecord
 from ..routes import ALL
@@ -21,6 +22,15 @@ class ErrorCounter:
         if record.status >= 500 or record.error in UPSTREAM_ERRORS:
             self.errors[(record.route, record.stream)] += 1
             self.errors[(ALL, record.stream)] += 1
+
+
+def breach_names(detector: BreachDetector) -> list[str]:
+    """Active breaches, one short line each, for the table's footer."""
+    return [
+        f"{a['route']} {'stream ' if a['stream'] else ''}{a['quantile']}={a['value_ms']}ms"
+        f" ({a['severity']})"
+        for a in detector.active_json()
+    ]
 
 
 def _ms(seconds: float) -> str:

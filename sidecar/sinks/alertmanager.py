@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import aiohttp
 
 from ..alerts import push_alert
+from ..config import redact_url
 from ..events import BREACH, RESOLVED, Event
 from ..metrics import Metrics
 from .queue import QueuedSink, RetryLater
@@ -34,12 +35,13 @@ class AlertmanagerSink(QueuedSink):
         *,
         capacity: int,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
         resend_s: float = 60.0,
     ) -> None:
-        super().__init__("alertmanager", capacity, metrics, label=f"alertmanager {base_url}")
+        super().__init__(
+            "alertmanager", capacity, metrics, label=f"alertmanager {redact_url(base_url)}"
+        )
         self.url = base_url.rstrip("/") + "/api/v2/alerts"
-        self._session = session
+        self._session: aiohttp.ClientSession | None = None
         self.resend_s = resend_s
         self.firing: dict[tuple[str, bool, str, str], Event] = {}
 
@@ -52,12 +54,20 @@ class AlertmanagerSink(QueuedSink):
             return
         super().enqueue(event)
 
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
     def _alerts(self, events: Sequence[Event]) -> list[dict[str, object]]:
         ends = time.time() + 4 * self.resend_s
         return [push_alert(e, ends_at=None if e.type == RESOLVED else ends) for e in events]
 
     async def _post(self, alerts: list[dict[str, object]]) -> None:
         try:
+            assert self._session is not None, "sink not entered"
             async with self._session.post(
                 self.url,
                 data=json.dumps(alerts),

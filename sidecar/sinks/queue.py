@@ -13,6 +13,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Self
 
 from ..events import Event
 from ..metrics import Metrics
@@ -57,6 +58,28 @@ class QueuedSink:
         self._depth = metrics.queue_depth.labels(name)
         self.backoff = Backoff()
         self._last_warning = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        """Open the client (`open`) and start delivering in a background task."""
+        await self.open()
+        self._task = asyncio.create_task(self.run(), name=f"sink-{self.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Stop delivering (call `flush` first to deliver what is queued), then close
+        the client."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Subclasses: create the client (an HTTP session, ...)."""
+
+    async def aclose(self) -> None:
+        """Subclasses: close the client."""
 
     def __len__(self) -> int:
         return len(self._queue)

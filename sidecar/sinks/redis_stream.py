@@ -17,7 +17,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, TimeoutError
 
-from ..config import Settings
 from ..events import Event
 from ..metrics import Metrics
 from .queue import QueuedSink, RetryLater
@@ -26,12 +25,14 @@ from .queue import QueuedSink, RetryLater
 class RedisStreamSink(QueuedSink):
     batch_size = 100
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        super().__init__("redis", settings.event_buffer, metrics)
-        self._stream = settings.redis_stream
-        self._maxlen = settings.redis_maxlen
+    def __init__(
+        self, url: str, *, stream: str, maxlen: int, capacity: int, metrics: Metrics
+    ) -> None:
+        super().__init__("redis", capacity, metrics)
+        self._stream = stream
+        self._maxlen = maxlen
         self.client = aioredis.Redis.from_url(
-            settings.redis_url,
+            url,
             socket_timeout=2.0,
             socket_connect_timeout=2.0,
             retry=Retry(NoBackoff(), 0),
@@ -70,5 +71,5 @@ class RedisStreamSink(QueuedSink):
             n += 1
         return n
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self.client.aclose()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import aiohttp
 
 from ..alerts import webhook_payload
+from ..config import redact_url
 from ..events import Event
 from ..metrics import Metrics
 from .queue import QueuedSink, RetryLater
@@ -38,13 +39,19 @@ class WebhookSink(QueuedSink):
         secret: str,
         capacity: int,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
     ) -> None:
-        super().__init__("webhook", capacity, metrics, label=f"webhook {url}")
+        super().__init__("webhook", capacity, metrics, label=f"webhook {redact_url(url)}")
         self.url = url
         self._fmt = fmt
         self._secret = secret
-        self._session = session
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     def body(self, event: Event) -> bytes:
         doc = webhook_payload(event) if self._fmt == "alertmanager" else event.as_json()
@@ -60,6 +67,7 @@ class WebhookSink(QueuedSink):
             headers["webhook-timestamp"] = str(ts)
             headers["webhook-signature"] = sign(self._secret, event.event_id, ts, body)
         try:
+            assert self._session is not None, "sink not entered"
             async with self._session.post(
                 self.url, data=body, headers=headers, timeout=TIMEOUT, allow_redirects=False
             ) as resp:
