@@ -41,10 +41,25 @@ HOP_BY_HOP = frozenset(
     }
 )
 _NEVER_NOMINATED = frozenset({b"host", b"content-length", b"keep-alive", b"close", b"upgrade"})
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 X_REQUEST_ID = istr("X-Request-Id")
 EXPECT = istr("Expect")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 _ZERO_TRACE = "0" * 32
+
+
+_COLON_JOIN = b": ".join
+# what request_head does with a header, by lower-cased name (absent: keep it)
+_HOST, _XFF, _DROP, _XFP, _XFH, _CONNECTION = range(6)
+_REQUEST_ACTIONS = {
+    **{name: _DROP for name in HOP_BY_HOP},
+    b"expect": _DROP,
+    b"connection": _CONNECTION,
+    b"host": _HOST,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XFP,
+    b"x-forwarded-host": _XFH,
+}
 
 
 def _nominated(raw: RawHeaders) -> frozenset[bytes]:
@@ -84,55 +99,56 @@ def request_head(
     goes through untouched); ``host`` replaces the client's Host (the authority of an
     absolute-form target), ``default_host`` is used when the request has none;
     ``chunked``: the body goes upstream chunked (it had no Content-Length).
+    One pass over the headers (this runs for every request).
     """
-    lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+    kept: list[tuple[bytes, bytes]] = []
+    keep = kept.append
     forwarded_for: list[bytes] = []
-    seen_host = seen_proto = seen_fwd_host = False
-    client_host = b""
-    for name, value in end_to_end(raw):
-        lower = name.lower()
-        if lower == b"host":
-            if seen_host:  # llhttp allows a repeat; one Host goes upstream
-                continue
-            seen_host = True
-            client_host = value
-            if host is not None:
-                value = host
-        elif lower == b"x-forwarded-for":
-            forwarded_for.append(value)
-            continue
-        elif lower == b"expect":
-            continue
-        elif lower == b"x-forwarded-proto":
+    seen_proto = seen_fwd_host = nominates = False
+    client_host: bytes | None = None
+    actions = _REQUEST_ACTIONS
+    for pair in raw:
+        action = actions.get(pair[0].lower())
+        if action is None:
+            keep(pair)
+        elif action == _HOST:
+            if client_host is None:  # llhttp allows a repeat; one Host goes upstream
+                client_host = pair[1]
+                keep(pair if host is None else (pair[0], host))
+        elif action == _XFF:
+            forwarded_for.append(pair[1])
+        elif action == _CONNECTION:
+            nominates = nominates or pair[1].strip().lower() not in _PLAIN_CONNECTION
+        elif action == _XFP:
             seen_proto = True
-        elif lower == b"x-forwarded-host":
+            keep(pair)
+        elif action == _XFH:
             seen_fwd_host = True
-        lines.append(name + b": " + value)
-    if not seen_host:
+            keep(pair)
+    if nominates:  # Connection names more headers: drop those too
+        nominated = _nominated(raw)
+        kept = [pair for pair in kept if pair[0].lower() not in nominated]
+    if client_host is None:
         client_host = host or default_host
-        lines.append(b"Host: " + client_host)
+        kept.append((b"Host", client_host))
     if peer:
         forwarded_for.append(peer.encode("ascii", "replace"))
     if forwarded_for:
-        lines.append(b"X-Forwarded-For: " + b", ".join(forwarded_for))
+        kept.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
     if not seen_proto:
-        lines.append(b"X-Forwarded-Proto: " + scheme.encode("ascii"))
-    if not seen_fwd_host and client_host:
-        lines.append(b"X-Forwarded-Host: " + client_host)
+        kept.append((b"X-Forwarded-Proto", scheme.encode("ascii")))
+    if not seen_fwd_host:
+        kept.append((b"X-Forwarded-Host", host if host is not None else client_host))
     if request_id is not None:
-        lines.append(b"X-Request-Id: " + request_id.encode("ascii"))
+        kept.append((b"X-Request-Id", request_id.encode("ascii")))
     if chunked:
-        lines.append(b"Transfer-Encoding: chunked")
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+        kept.append((b"Transfer-Encoding", b"chunked"))
+    return head_bytes(method.encode("ascii") + b" " + target + b" HTTP/1.1", kept)
 
 
-def head_bytes(status_line: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """A response head from raw header pairs."""
-    lines = [status_line.encode("latin-1")]
-    lines.extend(name + b": " + value for name, value in headers)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+def head_bytes(start_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """A message head: the start line, then ``name: value`` lines, then an empty line."""
+    return b"\r\n".join([start_line, *map(_COLON_JOIN, headers), b"", b""])
 
 
 def trace_id_of(traceparent: str | None) -> str | None:

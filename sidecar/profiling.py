@@ -123,7 +123,9 @@ class Profiler:
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
+        # the header as the client sent it: non-UTF-8 bytes must fail the compare,
+        # not the encoding (surrogateescape restores the original bytes)
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, self._token):
             raise web.HTTPUnauthorized(
                 text="bearer token required\n", headers={"WWW-Authenticate": "Bearer"}

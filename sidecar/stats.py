@@ -266,7 +266,10 @@ class RuntimeCollector(Collector):
         lag.add_metric(["current"], self._stats.lag.current)
         lag.add_metric(["1m_max"], self._stats.lag.max_1m)
         yield lag
-        target = self._stats.sample().get("target") or {}
+        sampled = self._stats.sample().get("target")
+        if sampled is None:  # no target configured: no sidecar_target_* series at all
+            return
+        target = sampled
         up = GaugeMetricFamily(
             "sidecar_target_up", "1 when the gateway process was found and read."
         )

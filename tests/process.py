@@ -1,16 +1,17 @@
-"""Run the real `python -m sidecar` in a subprocess, on free ports."""
+"""Real processes for tests: `python -m sidecar run` and the test upstream, each bound
+to port 0, its real port read back from what it prints (no free-port race)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import aiohttp
-
-from .conftest import free_port
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -35,25 +36,55 @@ class SidecarProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
-async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
-    port, admin_port = free_port(), free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    full_env.update(
+def sidecar_env(upstream: str, **env: str) -> dict[str, str]:
+    """The environment of a test sidecar: ours without SIDECAR_*, then ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    full.update(
         SIDECAR_UPSTREAM_URL=upstream,
-        SIDECAR_LISTEN=f"127.0.0.1:{port}",
-        SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
-        **env,
+        SIDECAR_LISTEN="127.0.0.1:0",
+        SIDECAR_ADMIN_LISTEN="127.0.0.1:0",
+        SIDECAR_LOG_FORMAT="json",
+        SIDECAR_LOG_LEVEL="info",  # the `sidecar started` line carries the bound ports
     )
+    full.update(env)
+    return full
+
+
+def started_ports(line: bytes) -> tuple[int, int] | None:
+    """(proxy, admin) ports from the JSON `sidecar started` log line, else None."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("msg") != "sidecar started":
+        return None
+    return int(doc["listen"].rsplit(":", 1)[1]), int(doc["admin"].rsplit(":", 1)[1])
+
+
+async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
+    """Start `python -m sidecar run`; return once it has logged its bound ports."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sidecar",
         "run",
-        env=full_env,
+        env=sidecar_env(upstream, **env),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    sp = SidecarProcess(proc, port, admin_port)
+    assert proc.stderr is not None
+    stderr = bytearray()
+    async with asyncio.timeout(20):
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                await proc.wait()
+                raise RuntimeError(f"sidecar exited {proc.returncode}: {stderr.decode()}")
+            stderr.extend(line)
+            ports = started_ports(line)
+            if ports is not None:
+                break
+    sp = SidecarProcess(proc, ports[0], ports[1], stderr)
 
     async def pump() -> None:
         assert proc.stderr is not None
@@ -61,14 +92,48 @@ async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
             sp.stderr.extend(chunk)
 
     asyncio.get_running_loop().create_task(pump())
-    async with aiohttp.ClientSession() as client:
-        async with asyncio.timeout(20):
-            while True:
-                if proc.returncode is not None:
-                    raise RuntimeError(f"sidecar exited: {sp.stderr.decode()}")
-                try:
-                    async with client.get(f"{sp.admin}/healthz") as r:
-                        if r.status == 200:
-                            return sp
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
+    return sp
+
+
+class SyncProcess:
+    """A subprocess that printed something to wait for (sync, for module fixtures)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_upstream() -> tuple[SyncProcess, int]:
+    """The test upstream (tests/upstream.py) in its own process; returns it and its port."""
+    up = SyncProcess([sys.executable, "-m", "tests.upstream"])
+    assert up.proc.stdout is not None
+    line = up.proc.stdout.readline()
+    if not line.strip().isdigit():
+        up.stop()
+        raise RuntimeError(f"upstream did not start: {line!r}")
+    return up, int(line)
+
+
+def start_sidecar_sync(upstream: str, **env: str) -> tuple[SyncProcess, int, int]:
+    """`python -m sidecar run` (sync); returns it with its proxy and admin ports."""
+    sc = SyncProcess([sys.executable, "-m", "sidecar", "run"], sidecar_env(upstream, **env))
+    assert sc.proc.stderr is not None
+    seen = []
+    for line in sc.proc.stderr:
+        seen.append(line)
+        ports = started_ports(line)
+        if ports is not None:
+            return sc, ports[0], ports[1]
+    sc.stop()
+    raise RuntimeError(f"sidecar did not start: {b''.join(seen).decode(errors='replace')}")

@@ -1,5 +1,6 @@
-"""A real redis-server on a free port, owned by the test so it can be killed,
-paused (SIGSTOP) and restarted on the same port."""
+"""A real redis-server owned by the test so it can be killed, paused (SIGSTOP) and
+restarted at the same address. It listens on a Unix socket in a private directory, not
+on a TCP port: no port to race other processes for."""
 
 from __future__ import annotations
 
@@ -16,26 +17,26 @@ import pytest
 
 
 class RedisServer:
-    def __init__(self, port: int, workdir: str) -> None:
-        self.port = port
+    def __init__(self, workdir: str) -> None:
         self.workdir = workdir
+        self.socket = os.path.join(workdir, "redis.sock")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"unix://{self.socket}?db=0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            raise RuntimeError("redis-server not installed (.ci/run installs it)")
+            raise RuntimeError("redis-server not installed (make test installs it)")
         self.proc = subprocess.Popen(
             [
                 exe,
                 "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
+                "0",
+                "--unixsocket",
+                self.socket,
                 "--save",
                 "",
                 "--appendonly",
@@ -51,7 +52,9 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(0.2)
+                    s.connect(self.socket)
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return
@@ -79,10 +82,8 @@ class RedisServer:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    from .conftest import free_port
-
-    with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(free_port(), tmp)
+    with tempfile.TemporaryDirectory(prefix="redis-") as tmp:
+        server = RedisServer(tmp)
         server.start()
         try:
             yield server

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import time
 import os
 
 import aiohttp
@@ -283,7 +284,12 @@ async def test_timing_record(proxied):
     assert rec.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert rec.error is None and rec.stream is False
     assert rec.headers_at is not None and rec.first_byte_at is not None
-    assert rec.start <= rec.headers_at <= rec.first_byte_at <= rec.end
+    assert rec.sent_at is not None and rec.upstream_end is not None
+    # every timestamp in its field: the record is built positionally for speed
+    assert rec.start <= rec.sent_at <= rec.headers_at <= rec.first_byte_at
+    assert rec.first_byte_at <= rec.upstream_end <= rec.end
+    assert abs(rec.wall - time.time()) < 60
+    assert rec.latency == rec.end - rec.start
     with pytest.raises(AttributeError):
         rec.status = 500  # type: ignore[misc]
     assert json.dumps(rec._asdict())

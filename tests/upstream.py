@@ -62,10 +62,14 @@ class Upstream:
             {
                 "method": request.method,
                 "path_qs": request.raw_path,
+                "version": f"{request.version.major}.{request.version.minor}",
                 "len": len(body),
                 "sha256": hashlib.sha256(body).hexdigest(),
+                # the head as it arrived, bytes kept (latin-1 maps each byte to a char)
+                "raw_headers": [[k.decode("latin-1"), v.decode("latin-1")]
+                                for k, v in request.raw_headers],
             }
-        )
+        )  # fmt: skip
 
     async def hash_body(self, request: web.Request) -> web.Response:
         h = hashlib.sha256()
@@ -195,3 +199,16 @@ class Upstream:
         if delay:
             await asyncio.sleep(delay)
         return web.json_response({"ok": True})
+
+
+async def _serve_forever() -> None:
+    """`python -m tests.upstream`: serve on an ephemeral port, print it, run until killed."""
+    runner = web.AppRunner(Upstream().app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_forever())
