@@ -13,6 +13,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -271,7 +272,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                                 pass
                             await asyncio.sleep(0.2)
                     t0 = time.monotonic()
-                    results = {}
+                    results: dict[str, Any] = {}
                     # rate() over 15 s needs a few scrapes of live traffic: poll until every
                     # panel has data, for at most 40 s, then judge what we have
                     while True:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -169,7 +170,8 @@ async def test_stream_is_trimmed_approximately(upstream, make_sidecar, redis_ser
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         length = await client.xlen("sidecar:events")
-        ((_, last),) = await client.xrevrange("sidecar:events", count=1)
+        newest: Any = await client.xrevrange("sidecar:events", count=1)
+        ((_, last),) = newest
     finally:
         await client.aclose()
     assert 100 <= length < 300, length  # MAXLEN ~ trims whole radix-tree nodes
@@ -438,6 +440,7 @@ async def test_events_cli_reads_back(upstream, make_sidecar, redis_server):
         seen = []
         async with asyncio.timeout(10):
             while "seq-99" not in seen:
+                assert follow.stdout is not None
                 seen.append(json.loads(await follow.stdout.readline())["request_id"])
         assert seen in (["seq-4", "seq-99"], ["seq-99"])
     finally:

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psutil
 import pytest
@@ -487,7 +487,8 @@ def test_after_the_barrage_memory_metrics_and_events_are_fine(stack: Stack) -> N
     client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        ids = [f.get("request_id") for _, f in client.xrange("sidecar:events")]
+        entries: Any = client.xrange("sidecar:events")
+        ids = [f.get("request_id") for _, f in entries]
         if "after" in ids:
             break
         time.sleep(0.05)

@@ -35,6 +35,7 @@ async def start_child(name):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CHILD, name, stdout=asyncio.subprocess.PIPE
     )
+    assert proc.stdout is not None
     assert await asyncio.wait_for(proc.stdout.readline(), 20) == b"ready\n"
     return proc
 
@@ -145,6 +146,7 @@ def test_fields_the_kernel_refuses_come_back_null_with_a_reason():
         os.close(r)
         os.waitpid(pid, 0)
         doc = json.loads(b"".join(chunks))
+    assert doc is not None
     assert doc["pid"] is not None  # found, and readable in part
     assert doc["rss_bytes"] is not None  # /proc/PID/statm is world-readable
     refused = doc["unavailable"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import pytest
@@ -80,9 +81,9 @@ async def test_sigterm_flushes_pending_events(upstream, redis_server):
     sc.terminate()
     redis_server.resume()
     assert await sc.wait(20) == 0
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    rclient = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
-        entries = await client.xrange("sidecar:events")
+        entries: Any = await rclient.xrange("sidecar:events")
     finally:
-        await client.aclose()
+        await rclient.aclose()
     assert [f["request_id"] for _, f in entries] == ["flush-me"]

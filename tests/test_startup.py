@@ -110,9 +110,8 @@ async def test_started_line_and_logs_carry_no_credentials(upstream):
         SIDECAR_WEBHOOK_URLS="http://u:hookpw-secret@127.0.0.1:9/h?token=tok-secret",
         SIDECAR_LOG_LEVEL="debug",
     )
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"{sc.base}/echo/1") as r:
-            assert r.status == 200
+    async with aiohttp.ClientSession() as client, client.get(f"{sc.base}/echo/1") as r:
+        assert r.status == 200
     sc.terminate()
     assert await sc.wait() == 0
     logs = sc.stderr.decode()
@@ -143,9 +142,11 @@ async def test_second_signal_exits_at_once(upstream):
 
 
 async def wait_for_log(sc, text: bytes, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while text not in sc.stderr:
-            await asyncio.sleep(0.02)
+    """Poll the process's captured stderr (a pipe read by another task) for ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in sc.stderr:
+        assert time.monotonic() < deadline, f"{text!r} never logged"
+        await asyncio.sleep(0.02)
 
 
 async def test_non_utf8_bearer_on_the_profiling_listener_is_401(upstream, make_sidecar):
@@ -169,8 +170,10 @@ async def test_non_utf8_bearer_on_the_profiling_listener_is_401(upstream, make_s
 async def test_no_target_configured_exports_no_target_series(upstream, make_sidecar):
     _, url = upstream
     sc = await make_sidecar(url)
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"http://127.0.0.1:{sc.admin_port}/metrics") as r:
-            text = await r.text()
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{sc.admin_port}/metrics") as r,
+    ):
+        text = await r.text()
     assert "sidecar_target_" not in text
     assert "Server" not in r.headers
