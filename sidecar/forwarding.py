@@ -48,7 +48,18 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}"
 _ZERO_TRACE = "0" * 32
 
 
+MAX_HEADERS = 128  # aiohttp's default limit, enforced here whatever the aiohttp release
 _COLON_JOIN = b": ".join
+
+
+class BadRequest(Exception):
+    """A request the proxy refuses to forward (RFC 9112 section 3.2: Host)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 # what request_head does with a header, by lower-cased name (absent: keep it)
 _HOST, _XFF, _DROP, _XFP, _XFH, _CONNECTION = range(6)
 _REQUEST_ACTIONS = {
@@ -92,15 +103,19 @@ def request_head(
     host: bytes | None,
     default_host: bytes,
     chunked: bool = False,
+    http11: bool = True,
 ) -> bytes:
     """The complete HTTP/1.1 request head for the upstream.
 
     ``request_id`` is the id to add (None when the client sent its own, which then
     goes through untouched); ``host`` replaces the client's Host (the authority of an
     absolute-form target), ``default_host`` is used when the request has none;
-    ``chunked``: the body goes upstream chunked (it had no Content-Length).
-    One pass over the headers (this runs for every request).
+    ``chunked``: the body goes upstream chunked (it had no Content-Length);
+    ``http11``: the client spoke HTTP/1.1, which requires exactly one Host.
+    One pass over the headers (this runs for every request). Raises `BadRequest`.
     """
+    if len(raw) > MAX_HEADERS:
+        raise BadRequest(431, f"more than {MAX_HEADERS} request headers")
     kept: list[tuple[bytes, bytes]] = []
     keep = kept.append
     forwarded_for: list[bytes] = []
@@ -112,9 +127,10 @@ def request_head(
         if action is None:
             keep(pair)
         elif action == _HOST:
-            if client_host is None:  # llhttp allows a repeat; one Host goes upstream
-                client_host = pair[1]
-                keep(pair if host is None else (pair[0], host))
+            if client_host is not None:
+                raise BadRequest(400, "more than one Host header")
+            client_host = pair[1]
+            keep(pair if host is None else (pair[0], host))
         elif action == _XFF:
             forwarded_for.append(pair[1])
         elif action == _CONNECTION:
@@ -129,6 +145,8 @@ def request_head(
         nominated = _nominated(raw)
         kept = [pair for pair in kept if pair[0].lower() not in nominated]
     if client_host is None:
+        if http11 and host is None:
+            raise BadRequest(400, "HTTP/1.1 request without Host")
         client_host = host or default_host
         kept.append((b"Host", client_host))
     if peer:

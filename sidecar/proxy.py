@@ -29,6 +29,7 @@ from aiohttp.http_writer import StreamWriter
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
+    BadRequest,
     end_to_end,
     head_bytes,
     request_head,
@@ -262,17 +263,21 @@ class Proxy:
         body_exists = request.body_exists
         if body_exists and request.headers.get(EXPECT, "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        head = request_head(
-            method,
-            target,
-            request.raw_headers,
-            peer=request.remote,
-            scheme=request.scheme,
-            request_id=request_id if add_id else None,
-            host=host,
-            default_host=self._default_host,
-            chunked=body_exists and hdrs.CONTENT_LENGTH not in request.headers,
-        )
+        try:
+            head = request_head(
+                method,
+                target,
+                request.raw_headers,
+                peer=request.remote,
+                scheme=request.scheme,
+                request_id=request_id if add_id else None,
+                host=host,
+                default_host=self._default_host,
+                chunked=body_exists and hdrs.CONTENT_LENGTH not in request.headers,
+                http11=request.version == HttpVersion11,
+            )
+        except BadRequest as exc:
+            return self._refuse(state, exc.status, "bad_request", str(exc))
         task = asyncio.current_task()
         assert task is not None
         body: AsyncIterator[bytes] | None = None

@@ -35,9 +35,9 @@ from .percentiles import Percentiles
 from .profiling import Profiler
 from .proxy import Proxy
 from .routes import RouteLabeler
+from .runtime import LoopLag, RuntimeCollector, RuntimeStats, Target
 from .signals import StopSignals
 from .sinks import build_sinks
-from .stats import LoopLag, RuntimeCollector, RuntimeStats, Target
 from .ticker import LoopTicker, Ticker
 
 log = logging.getLogger(__name__)

@@ -395,5 +395,48 @@ async def test_garbage_from_the_upstream_is_a_502(make_sidecar):
         body = await r.json()
     assert body["error"]["type"] == "upstream_reset"
     assert "invalid response" in body["error"]["message"]
+    # the upstream's bytes and address stay out of what the client reads
+    port = str(server.sockets[0].getsockname()[1])
+    assert "SSH" not in json.dumps(body) and port not in json.dumps(body)
+    assert "Server" not in r.headers
     server.close()
     await server.wait_closed()
+
+
+async def test_upstream_head_bytes_reach_the_client_unchanged(make_sidecar):
+    """Name case, order, repeats and non-UTF-8 bytes of the upstream's headers arrive as
+    sent; nothing is added (no Server, Date or Content-Type of the sidecar's own)."""
+    head = (
+        b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nx-lower: MiXeD\r\nContent-Disposition: '
+        b"attachment; filename=caf\xe9.txt\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    sc = await make_sidecar(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Request-Id: rid\r\nConnection: close\r\n\r\n")
+    got = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    status, _, rest = got.partition(b"\r\n")
+    assert status == b"HTTP/1.1 200 OK"
+    lines = rest.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert lines == [
+        b'ETag: "v1"',
+        b"x-lower: MiXeD",
+        b"Content-Disposition: attachment; filename=caf\xe9.txt",
+        b"Set-Cookie: a=1",
+        b"Set-Cookie: b=2",
+        b"Content-Length: 2",
+        b"X-Request-Id: rid",  # the upstream sent none: the client's id goes back
+        b"Connection: close",
+    ]
+    assert got.endswith(b"\r\n\r\nok")

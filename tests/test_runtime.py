@@ -124,7 +124,7 @@ async def test_no_target_configured_is_null(upstream, make_sidecar):
 def test_fields_the_kernel_refuses_come_back_null_with_a_reason():
     """Read a process of another UID without ptrace rights. As root: fork, drop to
     nobody in the child and read this (root) process; otherwise read PID 1 (root)."""
-    from sidecar.stats import Target
+    from sidecar.runtime import Target
 
     if os.geteuid() != 0:
         doc = Target(1, "").sample()
