@@ -118,8 +118,13 @@ class Profiler:
     def __init__(self, token: str, runtime: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self._token = f"Bearer {token}".encode()
         self._runtime = runtime
-        self._busy = asyncio.Lock()
+        self._busy = asyncio.Lock()  # one profile at a time
         self._loop_thread = threading.get_ident()  # replaced in app(), on the loop thread
+
+    @property
+    def busy(self) -> bool:
+        """A CPU, heap or block profile is being taken."""
+        return self._busy.locked()
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -18,7 +18,6 @@ import contextlib
 import gc
 import logging
 from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -79,6 +78,7 @@ class Sidecar:
         self.proxy_port = 0
         self.admin_port = 0
         self.profiling_port: int | None = None
+        self.profiler: Profiler | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._stack: AsyncExitStack | None = None
         self._drained = False
@@ -117,12 +117,7 @@ class Sidecar:
         self._stack = stack
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.drain()
         assert self._stack is not None
         await self._stack.aclose()
@@ -143,10 +138,10 @@ class Sidecar:
             listening(admin, s.admin_listen, "SIDECAR_ADMIN_LISTEN", backlog=128)
         )
         if s.profiling_enabled:
-            profiler = Profiler(s.profiling_token.get_secret_value(), self.runtime.document)
+            self.profiler = Profiler(s.profiling_token.get_secret_value(), self.runtime.document)
             self.profiling_port = await stack.enter_async_context(
                 listening(
-                    web.AppRunner(profiler.app(), access_log=None),
+                    web.AppRunner(self.profiler.app(), access_log=None),
                     s.profiling_listen,
                     "SIDECAR_PROFILING_LISTEN",
                     backlog=16,

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-from types import TracebackType
 
 from .logs import flush_logging
 
@@ -32,12 +31,7 @@ class StopSignals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         loop = asyncio.get_running_loop()
         for sig in SIGNALS:
             loop.remove_signal_handler(sig)

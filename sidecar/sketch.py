@@ -36,11 +36,6 @@ def bucket_of(seconds: float) -> int:
     return _ceil(_log(seconds) * _INV_LOG_GAMMA) - _OFFSET
 
 
-def value_of(bucket: int) -> float:
-    """The representative value of a bucket: within 1% of every value in it."""
-    return _REPRESENTATIVE[bucket]
-
-
 def rank_of(q: float, count: int) -> int:
     """0-based rank of the q-quantile among ``count`` sorted values (lower order
     statistic), the definition the accuracy guarantee is stated against."""

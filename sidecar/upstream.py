@@ -126,27 +126,13 @@ class UpstreamPool:
         if proto is None:  # not `proto or ...`: an idle ResponseHandler has len() 0
             proto = await self._connect()
         try:
-            return await self._attempt(proto, method, head, body, content_length)
+            return await self._send_and_read_head(proto, method, head, body, content_length)
         except UpstreamReset:
             if not (reused and body is None and method in _IDEMPOTENT):
                 raise
         # the upstream had closed the idle connection we picked: once more, fresh
-        return await self._attempt(await self._connect(), method, head, body, content_length)
-
-    async def _attempt(
-        self,
-        proto: ResponseHandler,
-        method: str,
-        head: bytes,
-        body: AsyncIterator[bytes] | None,
-        content_length: bool,
-    ) -> UpstreamResponse:
-        """One request on one connection; the connection is closed if it fails."""
-        try:
-            return await self._send_and_read_head(proto, method, head, body, content_length)
-        except BaseException:
-            proto.close()
-            raise
+        proto = await self._connect()
+        return await self._send_and_read_head(proto, method, head, body, content_length)
 
     async def _send_and_read_head(
         self,
@@ -156,6 +142,7 @@ class UpstreamPool:
         body: AsyncIterator[bytes] | None,
         content_length: bool,
     ) -> UpstreamResponse:
+        """One request on one connection; the connection is closed if it fails."""
         loop = self._loop
         assert loop is not None
         proto.set_response_params(
@@ -184,9 +171,14 @@ class UpstreamPool:
                     break
         except (ConnectionError, OSError, ClientConnectionError) as exc:
             # refused mid-way, reset, or closed before a response (ServerDisconnected)
+            proto.close()
             raise UpstreamReset(str(exc) or type(exc).__name__) from None
         except (HttpProcessingError, ClientResponseError) as exc:  # not HTTP at all
+            proto.close()
             raise UpstreamReset(f"invalid response: {str(exc)[:120]}") from None
+        except BaseException:  # cancelled (timeout, client gone), or the errors above
+            proto.close()
+            raise
         return UpstreamResponse(
             message.code,
             message.reason,

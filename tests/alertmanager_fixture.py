@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,38 +20,25 @@ receivers:
 
 @pytest.fixture
 def alertmanager() -> Iterator[str]:
-    from .conftest import free_port
+    from .binaries import start_with_retry
 
     exe = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-    assert exe, "prometheus-alertmanager missing: .ci/run installs it"
-    port = free_port()
+    assert exe, "prometheus-alertmanager missing: make test installs it"
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "am.yml"
         cfg.write_text(CONFIG)
-        proc = subprocess.Popen(
-            [
+        proc, port = start_with_retry(
+            lambda port: [
                 exe,
                 f"--config.file={cfg}",
                 f"--storage.path={tmp}",
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--cluster.listen-address=",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            "/-/ready",
         )
-        url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise RuntimeError("alertmanager did not start") from None
-                    time.sleep(0.1)
-            yield url
+            yield f"http://127.0.0.1:{port}"
         finally:
             proc.terminate()
             proc.wait(10)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -21,9 +21,20 @@ pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture"]
 
 
 def free_port() -> int:
+    """A port free a moment ago: only for binaries that cannot bind port 0 and report
+    it (start them with `tests.binaries.start_with_retry`, which retries on a clash)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port held bound but not listening for the test's duration: connecting to it is
+    refused, and nothing else can take it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
 
 
 @asynccontextmanager

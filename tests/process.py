@@ -20,6 +20,11 @@ class SidecarProcess:
     port: int
     admin_port: int
     stderr: bytearray = field(default_factory=bytearray)
+    started: dict[str, str] = field(default_factory=dict)  # the `sidecar started` line
+
+    @property
+    def profiling_port(self) -> int:
+        return int(self.started["profiling"].rsplit(":", 1)[1])
 
     @property
     def base(self) -> str:
@@ -84,7 +89,7 @@ async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
             ports = started_ports(line)
             if ports is not None:
                 break
-    sp = SidecarProcess(proc, ports[0], ports[1], stderr)
+    sp = SidecarProcess(proc, ports[0], ports[1], stderr, json.loads(line))
 
     async def pump() -> None:
         assert proc.stderr is not None

@@ -10,14 +10,9 @@ import subprocess
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.sketch import rank_of
+from .exact import exact
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def exact(values, q):
-    s = sorted(values)
-    return s[rank_of(q, len(s))]
 
 
 async def admin_get(client, sc, path, **kw):

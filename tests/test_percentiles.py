@@ -11,16 +11,13 @@ from hypothesis import strategies as st
 
 from sidecar.percentiles import QUANTILES, Percentiles
 from sidecar.record import TimingRecord
-from sidecar.sketch import MAX_VALUE, MIN_VALUE, LogHistogram, rank_of
+from sidecar.sketch import MAX_VALUE, MIN_VALUE, LogHistogram
 from sidecar.window import RollingHistogram, SubWindow
+
+from .exact import exact
 
 ACC = 0.01 + 1e-9
 QS = (*QUANTILES, 0.0, 1.0)
-
-
-def exact(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[rank_of(q, len(s))]
 
 
 def assert_within_1pct(values: list[float], hist: LogHistogram) -> None:

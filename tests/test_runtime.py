@@ -202,7 +202,9 @@ async def test_profiles_under_load_show_the_sidecars_own_code(profiled):
     loaders = [asyncio.create_task(load(client, base, stop)) for _ in range(8)]
     try:
         cpu = asyncio.create_task(client.get(prof + "/debug/pprof/cpu?seconds=1.5", headers=AUTH))
-        await asyncio.sleep(0.2)  # let it start, then a second profile must be refused
+        assert sc.profiler is not None
+        while not sc.profiler.busy:  # noqa: ASYNC110 (a lock on another task: polled)
+            await asyncio.sleep(0.01)
         async with client.get(prof + "/debug/pprof/cpu?seconds=1", headers=AUTH) as r:
             assert r.status == 409
         async with await cpu as r:
@@ -256,13 +258,11 @@ async def test_profiles_under_load_show_the_sidecars_own_code(profiled):
 
 async def test_token_never_logged_and_weak_token_refused(upstream):
     _, url = upstream
-    from .conftest import free_port
-
-    prof_port = free_port()
     sc = await spawn_sidecar(
         url, SIDECAR_PROFILING_ENABLED="true", SIDECAR_PROFILING_TOKEN=TOKEN,
-        SIDECAR_PROFILING_LISTEN=f"127.0.0.1:{prof_port}", SIDECAR_LOG_LEVEL="debug",
+        SIDECAR_PROFILING_LISTEN="127.0.0.1:0", SIDECAR_LOG_LEVEL="debug",
     )  # fmt: skip
+    prof_port = sc.profiling_port
     async with aiohttp.ClientSession() as client:
         for headers in (AUTH, {"Authorization": "Bearer " + TOKEN[:-1]}):
             async with client.get(

@@ -80,5 +80,4 @@ class WebhookSink(QueuedSink):
         if status >= 400:  # the receiver refuses this event: resending will not help
             self.count_dropped()
             self._warn(f"{self.label}: HTTP {status}; event {event.event_id} dropped")
-            return 1
         return 1
