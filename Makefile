@@ -61,7 +61,7 @@ lock: $(BIN)/latency-sidecar
 ## coverage: the suite under coverage, subprocesses included; report in the terminal
 coverage: $(BIN)/latency-sidecar tools
 	rm -f .coverage .coverage.*
-	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml $(BIN)/coverage run -m pytest -q
+	$(BIN)/coverage run -m pytest -q -p no:cacheprovider
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report
 
