@@ -40,7 +40,9 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         up_port, port, prof_port = free_port(), free_port(), free_port()
-        nginx = start_nginx(tmp, "up", UPSTREAM_SERVER.format(port=up_port, body='{"ok":1}'), 0)
+        nginx = start_nginx(
+            tmp, "up", UPSTREAM_SERVER.format(port=up_port, body='{"ok":1}', sse=free_port()), 0
+        )
         env = {
             **os.environ,
             "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{up_port}",
