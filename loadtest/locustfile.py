@@ -9,7 +9,7 @@ Stages (the seed's k6 suite): ramp up, hold, spike, ramp down — scaled by
 
 Gate: at the end, the run exits non-zero when the p95 of any request entry exceeds
 ``--p95-ms`` or the error rate exceeds ``--max-error-rate`` (CI: "fail if P95 > ...").
-The p95 is judged on the exact response times with a distribution-free 95% confidence
+The p95 is judged on the exact response times with a distribution-free 99% confidence
 bound (order statistics, ``sidecar/analysis/quantiles.py``): "over" only when even the
 lower bound is above the limit; an entry with too few samples to tell gets no verdict.
 
@@ -243,7 +243,7 @@ def summary(env: Environment) -> tuple[str, list[str]]:
     if undecided:
         tail += [
             "",
-            "Not judged (the 95% confidence bounds of the p95, from order statistics, "
+            "Not judged (the 99% confidence bounds of the p95, from order statistics, "
             "straddle the limit):",
             *undecided,
         ]

@@ -100,7 +100,7 @@ class Estimate:
                 "confidence": self.confidence}  # fmt: skip
 
 
-def estimate(ordered: Sequence[float], q: float, confidence: float = 0.95) -> Estimate:
+def estimate(ordered: Sequence[float], q: float, confidence: float = 0.99) -> Estimate:
     lo, hi = rank_bounds(len(ordered), q, confidence)
     return Estimate(
         q, len(ordered), quantile(ordered, q),

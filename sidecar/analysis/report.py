@@ -199,7 +199,7 @@ def render(
         + "</p>",
         "<h2>Latency per route (client side, exact)</h2>",
         "<table><tr><th>entry</th><th>requests</th><th>errors</th><th>p50 ms</th>"
-        "<th>p95 ms</th><th>p95 95% bounds</th><th>p99 ms</th><th>sidecar p50 / p95 / p99</th>"
+        "<th>p95 ms</th><th>p95 99% bounds</th><th>p99 ms</th><th>sidecar p50 / p95 / p99</th>"
         f"<th>gate {summary['p95_ms']:g} ms</th></tr>",
     ]
     for entry, d in summary["entries"].items():
@@ -214,7 +214,7 @@ def render(
         )
     parts.append(
         "</table><p class=muted>Gate rule: a p95 is over the gate only when its "
-        "distribution-free 95% lower confidence bound (an order statistic) is above it, "
+        "distribution-free 99% lower confidence bound (an order statistic) is above it, "
         "within only when the upper bound is at or below it; otherwise there are too few "
         "samples to tell and there is no verdict. Sidecar figures: its shortest rolling "
         "window at the end of the run.</p>"
