@@ -104,7 +104,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     except (UsageError, NotARun, ConfigError) as exc:
         print(f"latency-sidecar analyze: {exc}", file=sys.stderr)
         return 2
-    return run_async(analyze(args, target, run_dir, before))
+    try:
+        return run_async(analyze(args, target, run_dir, before))
+    except CannotRun as exc:
+        print(f"latency-sidecar analyze: {exc}", file=sys.stderr)
+        return 2
+
+
+class CannotRun(Exception):
+    pass
+
+
+async def _reachable(tgt: Target) -> None:
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client,
+            client.get(tgt.admin_url + "/healthz") as r,
+        ):
+            if r.status != 200:
+                raise CannotRun(f"{tgt.admin_url}/healthz answered {r.status}")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise CannotRun(
+            f"cannot reach the sidecar's admin listener {tgt.admin_url}: {exc}"
+        ) from None
 
 
 @contextlib.asynccontextmanager
@@ -171,9 +193,13 @@ async def analyze(
     duration = args.duration or DEFAULT_DURATION_S
     run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before anything runs
     started = time.time()
-    async with _target(target, args.demo_delay_ms) as tgt:
-        print(f"analysing {tgt.proxy_url} for {duration:g} s -> {run_dir}", flush=True)
-        samples, cap, load = await _capture(args, tgt, run_dir, duration)
+    try:
+        async with _target(target, args.demo_delay_ms) as tgt:
+            await _reachable(tgt)
+            print(f"analysing {tgt.proxy_url} for {duration:g} s -> {run_dir}", flush=True)
+            samples, cap, load = await _capture(args, tgt, run_dir, duration)
+    except RuntimeError as exc:  # the embedded demo or locust did not run
+        raise CannotRun(str(exc)) from None
     summary = summarise(samples, cap.samples, cap.cpu_folded, cap.block, args.p95_ms)
     comparison = None
     if before is not None:
