@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
 .DEFAULT_GOAL := help
-.PHONY: help test test-quick test-aiohttp-lowest tools lint lock coverage bench instructions demo loadtest contract clean
+.PHONY: help test test-quick test-aiohttp-lowest tools lint lock coverage bench instructions demo loadtest analysis contract clean
 
 # the demo gateway's chat route has a deliberate slow tail and 1% errors
 LOADTEST_ARGS ?= --load-profile smoke --p95-ms 250 --max-error-rate 0.05
@@ -72,6 +72,11 @@ demo: $(BIN)/latency-sidecar
 ## loadtest: locust against the demo gateway behind the sidecar (report in loadtest/results)
 loadtest: $(BIN)/latency-sidecar
 	$(BIN)/python loadtest/run.py $(LOADTEST_ARGS)
+
+## analysis: latency-sidecar analyze on the demo (report in analysis/<timestamp>/)
+ANALYSIS_ARGS ?= --p95-ms 300
+analysis: $(BIN)/latency-sidecar
+	$(BIN)/latency-sidecar analyze $(ANALYSIS_ARGS)
 
 ## bench: the overhead benchmark (needs nginx and wrk: see bench/README.md)
 bench: $(BIN)/latency-sidecar tools

@@ -1,7 +1,8 @@
-"""What a CPU profile costs proxied traffic: latency at a fixed rate with and without
-a `/debug/pprof/cpu?seconds=N` running, in interleaved rounds.
+"""What a profile costs proxied traffic: latency at a fixed rate with and without
+a `/debug/pprof/cpu?seconds=N` (or `/debug/pprof/block?seconds=N`) running, in
+interleaved rounds.
 
-    python bench/profile_cost.py [--rounds 3] [--seconds 10] [--rate 500]
+    python bench/profile_cost.py [--rounds 3] [--seconds 10] [--rate 500] [--profile cpu|block]
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--rate", type=int, default=500)
+    p.add_argument("--profile", choices=("cpu", "block"), default="cpu")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         up_port, port, prof_port = free_port(), free_port(), free_port()
-        nginx = start_nginx(tmp, "up", UPSTREAM_SERVER.format(port=up_port, body='{"ok":1}'), 0)
+        nginx = start_nginx(
+            tmp, "up", UPSTREAM_SERVER.format(port=up_port, body='{"ok":1}', sse=free_port()), 0
+        )
         env = {
             **os.environ,
             "SIDECAR_UPSTREAM_URL": f"http://127.0.0.1:{up_port}",
@@ -63,7 +67,7 @@ def main() -> int:
                 runs["plain"].append(wrk_fixed_rate(url, args.rate, args.seconds, str(lua)))
                 profile: list[bytes] = []
                 req = urllib.request.Request(
-                    f"http://127.0.0.1:{prof_port}/debug/pprof/cpu?seconds={args.seconds}",
+                    f"http://127.0.0.1:{prof_port}/debug/pprof/{args.profile}?seconds={args.seconds}",
                     headers={"Authorization": f"Bearer {TOKEN}"},
                 )
 
@@ -75,7 +79,8 @@ def main() -> int:
                 t.start()
                 runs["profiling"].append(wrk_fixed_rate(url, args.rate, args.seconds, str(lua)))
                 t.join()
-                assert profile and b"samples over" in profile[0]
+                expected = b"samples over" if args.profile == "cpu" else b"block profile of"
+                assert profile and expected in profile[0], profile
                 print(
                     f"round {rnd + 1}: plain p50 {runs['plain'][-1]['p50']:.3f} p99 "
                     f"{runs['plain'][-1]['p99']:.3f} ms | profiling p50 "
@@ -94,7 +99,13 @@ def main() -> int:
     d50 = statistics.median(r["p50"] for r in runs["profiling"]) - statistics.median(
         r["p50"] for r in runs["plain"]
     )
-    print(f"a {args.seconds} s CPU profile adds {d50:+.3f} ms to the median proxied latency")
+    d99 = statistics.median(r["p99"] for r in runs["profiling"]) - statistics.median(
+        r["p99"] for r in runs["plain"]
+    )
+    print(
+        f"a {args.seconds} s {args.profile} profile adds {d50:+.3f} ms to the median and "
+        f"{d99:+.3f} ms to the p99 of proxied latency"
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The `latency-sidecar` command: run, demo, check-config, events."""
+"""The `latency-sidecar` command: run, demo, check-config, events, analyze."""
 
 from __future__ import annotations
 
@@ -93,10 +93,13 @@ def cmd_demo_gateway(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with StopSignals() as stop:
             try:
-                runner = await serve_gateway(where.host, where.port, seed=args.seed)
+                runner = await serve_gateway(
+                    where.host, where.port, seed=args.seed, extra_delay_s=args.add_delay_ms / 1000
+                )
             except OSError as exc:
                 raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
-            print(f"demo gateway listening on {where}", flush=True)
+            port = runner.addresses[0][1]
+            print(f"demo gateway listening on {where.host}:{port}", flush=True)
             await stop.wait()
             await runner.cleanup()
         return 0
@@ -198,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("demo-gateway", help="run only the demo AI gateway (for compose)")
     gw.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
     gw.add_argument("--seed", type=int, default=None)
+    # a slower upstream for trying regression gates (analyze --compare); not for users
+    gw.add_argument("--add-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     gw.set_defaults(func=cmd_demo_gateway)
 
     rx = sub.add_parser(
@@ -220,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
     ev.add_argument("--redis-url", help="overrides SIDECAR_REDIS_URL")
     ev.set_defaults(func=cmd_events)
+
+    from .analysis.command import add_parser as add_analyze
+
+    add_analyze(sub)
 
     check = sub.add_parser("check-config", help="validate the environment, print settings")
     overrides(check)

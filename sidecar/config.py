@@ -281,8 +281,10 @@ def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     return warnings
 
 
-# SIDECAR_* variables read by commands other than `run`, not by Settings
-EXTRA_VARIABLES: frozenset[str] = frozenset()
+# SIDECAR_* variables read by commands other than `run` (`analyze`), not by Settings
+EXTRA_VARIABLES = frozenset(
+    {"SIDECAR_ANALYZE_URL", "SIDECAR_ANALYZE_ADMIN_URL", "SIDECAR_ANALYZE_PROFILING_URL"}
+)
 
 
 def _fmt(v: Any) -> str:

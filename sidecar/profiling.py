@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .blockprof import BlockProfiler
+
 Frame = tuple[str, int, str]  # filename, first line, function
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SECONDS = 60
@@ -118,12 +120,13 @@ class Profiler:
     def __init__(self, token: str, runtime: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         self._token = f"Bearer {token}".encode()
         self._runtime = runtime
-        self._busy = asyncio.Lock()  # one profile at a time
+        self._busy = asyncio.Lock()  # one CPU/heap profile at a time
+        self._block_busy = asyncio.Lock()  # one block profile at a time
         self._loop_thread = threading.get_ident()  # replaced in app(), on the loop thread
 
     @property
     def busy(self) -> bool:
-        """A CPU, heap or block profile is being taken."""
+        """A CPU or heap profile is being taken."""
         return self._busy.locked()
 
     @web.middleware
@@ -142,6 +145,7 @@ class Profiler:
         app = web.Application(middlewares=[self.auth])
         r = app.router
         r.add_get("/debug/pprof/cpu", self.cpu)
+        r.add_get("/debug/pprof/block", self.block)
         r.add_get("/debug/pprof/heap", self.heap)
         r.add_get("/debug/pprof/allocs", self.allocs)
         r.add_get("/debug/pprof/tasks", self.tasks)
@@ -165,6 +169,26 @@ class Profiler:
             collapsed(stacks) if fmt == "collapsed" else table(stacks, seconds, SAMPLE_INTERVAL_S)
         )
         return web.Response(text=body)
+
+    async def block(self, request: web.Request) -> web.Response:
+        seconds = _seconds(request, 10)
+        raw = request.query.get("threshold_ms", "20")
+        try:
+            threshold_ms = float(raw)
+        except ValueError:
+            raise web.HTTPBadRequest(text=f"threshold_ms must be a number, got {raw!r}\n") from None
+        if not 1 <= threshold_ms <= 10_000:
+            raise web.HTTPBadRequest(text="threshold_ms must be in [1, 10000]\n")
+        fmt = request.query.get("format", "text")
+        if fmt not in ("text", "json"):
+            raise web.HTTPBadRequest(text="format is text or json\n")
+        if self._block_busy.locked():
+            raise web.HTTPConflict(text="a block profile is already running\n")
+        async with self._block_busy:
+            profile = await BlockProfiler(self._loop_thread, threshold_ms / 1000).run(seconds)
+        if fmt == "json":
+            return web.json_response(profile.as_json())
+        return web.Response(text=profile.text())
 
     @staticmethod
     def _ensure_tracing() -> str:

@@ -23,9 +23,12 @@ def _lognormal_s(rng: random.Random, median_ms: float, sigma: float) -> float:
 
 
 class DemoGateway:
-    def __init__(self, seed: int | None = None, error_rate: float = 0.01) -> None:
+    def __init__(
+        self, seed: int | None = None, error_rate: float = 0.01, extra_delay_s: float = 0.0
+    ) -> None:
         self.rng = random.Random(seed)
         self.error_rate = error_rate
+        self.extra_delay_s = extra_delay_s  # a slower upstream, to try regression gates
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -43,7 +46,7 @@ class DemoGateway:
         delay = _lognormal_s(self.rng, median_ms, sigma)
         if self.rng.random() < 0.03:  # the slow tail: cold cache, long prompt, busy GPU
             delay *= self.rng.uniform(3, 8)
-        return delay
+        return delay + self.extra_delay_s
 
     def _maybe_fail(self) -> web.Response | None:
         if self.rng.random() < self.error_rate:
@@ -131,8 +134,11 @@ class DemoGateway:
         return web.json_response({"id": name, "object": "model"})
 
 
-async def serve_gateway(host: str, port: int, seed: int | None = None) -> web.AppRunner:
-    runner = web.AppRunner(DemoGateway(seed).app(), access_log=None)
+async def serve_gateway(
+    host: str, port: int, seed: int | None = None, extra_delay_s: float = 0.0
+) -> web.AppRunner:
+    gateway = DemoGateway(seed, extra_delay_s=extra_delay_s)
+    runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

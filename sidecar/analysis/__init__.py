@@ -1,0 +1,1 @@
+"""`latency-sidecar analyze`: load, profiles under load, gateway stats, report, compare."""

@@ -1,0 +1,124 @@
+"""What is captured from the sidecar while the load runs: `/stats`, `/percentiles` and
+the sums and counts of its histograms (`/metrics`) every interval, a CPU profile and a
+block profile of the whole load (at most 60 s each, the profiling listener's limit)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from .target import Target
+
+MAX_PROFILE_S = 60
+BLOCK_THRESHOLD_MS = 20
+# histogram families whose per-route sum and count are kept: mean overhead and latency
+SUMMED = {
+    "sidecar_overhead_seconds": "overhead",
+    "sidecar_request_duration_seconds": "duration",
+    "sidecar_upstream_header_seconds": "upstream",
+}
+
+
+def histogram_sums(families: Iterable[Any]) -> dict[str, dict[str, list[float]]]:
+    """{kind: {route or "route (stream)": [sum_s, count]}} from parsed exposition."""
+    out: dict[str, dict[str, list[float]]] = {k: {} for k in SUMMED.values()}
+    for fam in families:
+        kind = SUMMED.get(fam.name)
+        if kind is None:
+            continue
+        for s in fam.samples:
+            if not s.name.endswith(("_sum", "_count")):
+                continue
+            route = s.labels.get("route", "")
+            if s.labels.get("stream") == "true":
+                route += " (stream)"
+            acc = out[kind].setdefault(route, [0.0, 0.0])
+            acc[0 if s.name.endswith("_sum") else 1] += s.value
+    return out
+
+
+@dataclass
+class Capture:
+    interval: float
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    cpu_folded: str = ""
+    block: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+async def _get_json(client: aiohttp.ClientSession, url: str) -> Any:
+    async with client.get(url) as r:
+        r.raise_for_status()
+        return await r.json()
+
+
+async def _sample(client: aiohttp.ClientSession, target: Target) -> dict[str, Any]:
+    stats, pct = await asyncio.gather(
+        _get_json(client, target.admin_url + "/stats"),
+        _get_json(client, target.admin_url + "/percentiles"),
+    )
+    async with client.get(target.admin_url + "/metrics") as r:
+        text = await r.text()
+    return {
+        "t": time.time(),
+        "stats": stats,
+        "percentiles": pct,
+        "sums": histogram_sums(text_string_to_metric_families(text)),
+    }
+
+
+async def sample_loop(
+    client: aiohttp.ClientSession, target: Target, cap: Capture, stop: asyncio.Event
+) -> None:
+    failures = 0
+    while True:
+        try:
+            cap.samples.append(await _sample(client, target))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            failures += 1
+            if failures == 1:
+                cap.notes.append(f"admin listener: a sample failed ({exc!r}); kept going")
+        if stop.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), cap.interval)
+
+
+async def profiles(
+    client: aiohttp.ClientSession, target: Target, cap: Capture, seconds: float
+) -> None:
+    if not target.profiling_url:
+        cap.notes.append("no profiling URL: CPU and block profiles skipped")
+        return
+    seconds = max(1.0, min(MAX_PROFILE_S, seconds))
+    auth = {"Authorization": f"Bearer {target.token}"}
+    base = target.profiling_url + "/debug/pprof"
+    timeout = aiohttp.ClientTimeout(total=seconds + 60)
+
+    async def cpu() -> None:
+        url = f"{base}/cpu?seconds={seconds:g}&format=collapsed"
+        async with client.get(url, headers=auth, timeout=timeout) as r:
+            if r.status != 200:
+                cap.notes.append(f"CPU profile: HTTP {r.status} {(await r.text())[:200]!r}")
+                return
+            cap.cpu_folded = await r.text()
+
+    async def block() -> None:
+        url = f"{base}/block?seconds={seconds:g}&threshold_ms={BLOCK_THRESHOLD_MS}&format=json"
+        async with client.get(url, headers=auth, timeout=timeout) as r:
+            if r.status != 200:
+                cap.notes.append(f"block profile: HTTP {r.status} {(await r.text())[:200]!r}")
+                return
+            cap.block = await r.json()
+
+    try:
+        await asyncio.gather(cpu(), block())
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        cap.notes.append(f"profiling listener: {exc!r}")

@@ -1,0 +1,176 @@
+"""`latency-sidecar analyze` (issue 16): the honest gate, the run directory, the HTML
+report in a real headless Chromium, and --compare catching an injected upstream delay."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.analysis.quantiles import estimate, rank_bounds, verdict
+from sidecar.analysis.report import CHECK_IMAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--enable-logging=stderr", "--v=0", "--window-size=1200,3000",
+]  # fmt: skip
+
+
+def test_order_statistic_bounds():
+    # 21 samples: the p95 is the 20th value; a 95% lower bound exists (the 18th), an
+    # upper bound does not (even the maximum is not enough): no "within" verdict
+    assert rank_bounds(21, 0.95, 0.95) == (18, None)
+    assert rank_bounds(100, 0.95, 0.95) == (91, 99)
+    assert rank_bounds(58, 0.95, 0.95)[1] is None and rank_bounds(59, 0.95, 0.95)[1] == 59
+    # the normal approximation for huge n agrees with the exact binomial near its switch
+    lo, hi = rank_bounds(200_000, 0.95, 0.99)
+    lo2, hi2 = rank_bounds(200_001, 0.95, 0.99)
+    assert lo is not None and lo2 is not None and abs(lo - lo2) <= 2
+    assert hi is not None and hi2 is not None and abs(hi - hi2) <= 2
+
+
+def test_bounds_cover_the_true_quantile_as_promised():
+    rng = random.Random(7)
+    covered = 0
+    trials = 300
+    for _ in range(trials):  # uniform(0, 1): the true p95 is 0.95
+        est = estimate(sorted(rng.random() for _ in range(200)), 0.95, 0.95)
+        assert est.low is not None and est.high is not None
+        covered += est.low <= 0.95 <= est.high
+    assert covered / trials >= 0.88  # two one-sided 95% bounds: >= 90% two-sided
+
+
+def test_gate_verdicts():
+    few = sorted([100.0] * 18 + [300.0] * 3)  # p95 = 300 on 21 samples
+    assert verdict(estimate(few, 0.95), 250) == "inconclusive"
+    assert verdict(estimate(few, 0.95), 50) == "over"  # even the lower bound is above
+    many = sorted([100.0] * 990 + [300.0] * 10)
+    assert verdict(estimate(many, 0.95), 250) == "within"
+
+
+def _analyze(*args, cwd=ROOT, env=None, timeout=120):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "analyze", *args], capture_output=True, text=True,
+        timeout=timeout, cwd=cwd, env={**clean, **(env or {})},
+    )  # fmt: skip
+
+
+def test_usage_errors_exit_2(tmp_path):
+    for args, env, says in (
+        (["--duration", "0"], None, "--duration"),
+        (["--rate", "x"], None, "--rate"),
+        (["--compare", str(tmp_path / "nope")], None, "not an analysis run directory"),
+        ([], {"SIDECAR_ANALYZE_URL": "http://127.0.0.1:1"}, "SIDECAR_ANALYZE_ADMIN_URL"),
+        ([], {"SIDECAR_ANALYZE_URL": "ftp://x"}, "SIDECAR_ANALYZE_URL"),
+        (
+            ["--out", str(tmp_path / "unreachable")],
+            {
+                "SIDECAR_ANALYZE_URL": "http://127.0.0.1:1",
+                "SIDECAR_ANALYZE_ADMIN_URL": "http://127.0.0.1:1",
+            },
+            "cannot reach the sidecar's admin listener",
+        ),
+    ):
+        r = _analyze(*args, cwd=tmp_path, env=env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert says in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "summary.json").write_text("{}")
+    r = _analyze("--out", str(tmp_path / "done"), cwd=tmp_path)
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+
+
+def test_missing_matplotlib_is_one_line():
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from sidecar.cli import main; sys.exit(main(['analyze']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "pip install 'latency-sidecar[analysis]'" in r.stderr
+
+
+def render(html: Path, out: Path, tmp: Path) -> tuple[bytes, list[str]]:
+    """Screenshot `html` in headless Chromium; the PNG and every console message."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium missing: scripts/install-test-tools.sh installs it"
+    r = subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp}", f"--screenshot={out}",
+         html.as_uri()],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    console = [ln for ln in r.stderr.splitlines() if ":CONSOLE" in ln]
+    return (out.read_bytes() if out.exists() else b""), console
+
+
+@pytest.mark.tools
+def test_the_console_check_sees_errors(tmp_path):
+    bad = tmp_path / "bad.html"
+    bad.write_text('<img src="data:image/png;base64,AAAA" alt="broken">' + CHECK_IMAGES)
+    _, console = render(bad, tmp_path / "bad.png", tmp_path / "profile")
+    assert any("did not decode: broken" in ln for ln in console), console
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+def test_analyze_the_demo_then_compare_clean_and_with_a_slower_upstream(tmp_path):
+    runs = tmp_path / "analysis"
+    quick = ["--duration", "4", "--rate", "40", "--p95-ms", "5000"]
+    first = _analyze(*quick, "--out", str(runs / "1"), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run = runs / "1"
+    for name in ("report.html", "summary.json", "client.json", "captures.json", "cpu.folded",
+                 "block.json", "block.txt", "RECOMMENDATIONS.md"):  # fmt: skip
+        assert (run / name).stat().st_size > 0, name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["requests"] >= 100
+    entries = summary["entries"]
+    assert set(entries) == {"/v1/chat/completions", "/v1/embeddings",
+                            "/v1/chat/completions (stream)"}  # fmt: skip
+    chat = entries["/v1/chat/completions"]
+    assert 30 < chat["p50"]["value_ms"] < 200 and chat["gate"] in ("within", "inconclusive")
+    assert chat["sidecar"]["count"] > 0  # the sidecar's own view of the same route
+    assert summary["gateway"]["cpu_seconds"] > 0 and summary["gateway"]["rss_end_bytes"] > 0
+    assert summary["profile"]["all_samples"] > 100
+    assert summary["block"]["threshold_ms"] == 20
+    assert summary["overhead"]["/v1/chat/completions"]["share"] < 0.5
+    assert "# Recommendations" in (run / "RECOMMENDATIONS.md").read_text()
+    assert "matplotlib" not in first.stderr
+
+    png, console = render(run / "report.html", tmp_path / "report.png", tmp_path / "chrome")
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    assert console == [], console
+    html = (run / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') >= 5
+    assert "http://" not in html.replace("http://127.0.0.1", "")  # nothing external
+
+    # the same again: compared with the previous run by default, and clean
+    second = _analyze(*quick, "--out", str(runs / "2"), cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "no regression beyond the noise band" in second.stdout
+    comparison = json.loads((runs / "2" / "compare.json").read_text())
+    assert comparison["before"] == str(runs / "1") and comparison["regressed"] == []
+
+    # a gateway 150 ms slower: a regression, exit 1; and with a p95 gate of 60 ms,
+    # the p95 (~300 ms now) is confidently over it too: both reasons are given
+    slower = _analyze("--duration", "4", "--rate", "40", "--p95-ms", "60",
+                      "--out", str(runs / "3"), "--compare", str(runs / "2"),
+                      "--demo-delay-ms", "150", cwd=tmp_path)  # fmt: skip
+    assert slower.returncode == 1, slower.stdout + slower.stderr
+    assert "FAIL: regressed: /v1/chat/completions: p50" in slower.stdout
+    assert "FAIL: /v1/chat/completions: p95" in slower.stdout
+    comparison = json.loads((runs / "3" / "compare.json").read_text())
+    assert comparison["entries"]["/v1/chat/completions"]["p50"]["delta_ms"] > 100
+    recommendations = (runs / "3" / "RECOMMENDATIONS.md").read_text()
+    assert "regressed since the previous run" in recommendations
+    assert "p95 over the 60 ms gate" in recommendations
+    assert "Compared with the previous run" in (runs / "3" / "report.html").read_text()
