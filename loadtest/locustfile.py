@@ -31,18 +31,11 @@ from typing import IO, Any
 from locust import HttpUser, LoadTestShape, constant_throughput, events, task
 from locust.env import Environment
 
+from sidecar.analysis.load import CHAT_BODY, EMBED_BODY
 from sidecar.analysis.quantiles import estimate, explain, verdict
 
-CHAT = {
-    "model": "gpt-demo-mini",
-    "messages": [
-        {"role": "system", "content": "You are a concise assistant."},
-        {"role": "user", "content": "Summarise the benefits of a sidecar proxy in one line."},
-    ],
-    "max_tokens": 64,
-    "temperature": 0.2,
-}
-EMBED = {"model": "embed-demo-small", "input": ["The quick brown fox jumps over the lazy dog."]}
+# the same request bodies as `latency-sidecar analyze --rate`
+CHAT, EMBED = CHAT_BODY, EMBED_BODY
 STREAM_HEADERS = "chat stream: headers"
 STREAM_TTFB = "chat stream: first event"
 STREAM_TOTAL = "chat stream: whole"
