@@ -129,6 +129,11 @@ class Profiler:
         """A CPU or heap profile is being taken."""
         return self._busy.locked()
 
+    @property
+    def block_busy(self) -> bool:
+        """A block profile is being taken."""
+        return self._block_busy.locked()
+
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # the header as the client sent it: non-UTF-8 bytes must fail the compare,

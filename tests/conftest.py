@@ -19,6 +19,15 @@ from .upstream import Upstream
 
 pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture"]
 
+# fixtures that start an external binary: a test using one is marked `tools`
+_TOOL_FIXTURES = frozenset({"redis_server", "alertmanager"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _TOOL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.tools)
+
 
 def free_port() -> int:
     """A port free a moment ago: only for binaries that cannot bind port 0 and report

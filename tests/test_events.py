@@ -23,8 +23,9 @@ from .conftest import serve_app
 from .exact import exact
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-FAST, SLOW = 5, 150  # ms
-THRESHOLDS = {"p95_threshold_ms": 100, "p99_threshold_ms": 120, "min_samples": 10}
+# wide margins: a fast request on a busy 2-core CI machine can take tens of ms
+FAST, SLOW = 5, 400  # ms
+THRESHOLDS = {"p95_threshold_ms": 250, "p99_threshold_ms": 300, "min_samples": 10}
 
 
 async def traffic(client, base, ms, n=30, concurrency=15):
@@ -113,7 +114,7 @@ async def test_one_event_per_state_change_with_every_field(upstream, make_sideca
         assert f["window_s"] == "3" and f["instance"] == "test-pod"
         assert f["stream"] == "false" and int(f["samples"]) >= 10
         assert f["ts"].endswith("Z") and len(f["event_id"]) == 36
-        assert float(f["threshold_ms"]) in (100, 120)
+        assert float(f["threshold_ms"]) in (250, 300)
         if f["type"] == "breach":
             assert float(f["value_ms"]) > float(f["threshold_ms"])
     assert {(a["route"], a["quantile"]) for a in breaches["active"]} == {
@@ -234,10 +235,12 @@ async def _outage(upstream, make_sidecar, redis_server, break_it, heal_it):
     return sc
 
 
+@pytest.mark.slow
 async def test_redis_killed_and_restarted(upstream, make_sidecar, redis_server):
     await _outage(upstream, make_sidecar, redis_server, redis_server.kill, redis_server.start)
 
 
+@pytest.mark.slow
 async def test_redis_hung_by_sigstop(upstream, make_sidecar, redis_server):
     await _outage(upstream, make_sidecar, redis_server, redis_server.pause, redis_server.resume)
 
@@ -417,6 +420,7 @@ async def test_alertmanager_receives_and_resolves(upstream, make_sidecar, alertm
         await wait_until(gone)
 
 
+@pytest.mark.slow
 async def test_events_cli_reads_back(upstream, make_sidecar, redis_server):
     _, url = upstream
     sc = await make_sidecar(url, redis_url=redis_server.url)

@@ -195,6 +195,7 @@ async def load(client, base, stop):
             await r.read()
 
 
+@pytest.mark.slow
 async def test_profiles_under_load_show_the_sidecars_own_code(profiled):
     up, sc, client, prof = profiled
     base = f"http://127.0.0.1:{sc.proxy_port}"
