@@ -122,6 +122,7 @@ def test_the_console_check_sees_errors(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.tools
+@pytest.mark.timeout(400)  # three analyses (~60 s on a quiet machine, twice that on a busy one)
 def test_analyze_the_demo_then_compare_clean_and_with_a_slower_upstream(tmp_path):
     runs = tmp_path / "analysis"
     quick = ["--duration", "4", "--rate", "40", "--p95-ms", "5000"]
