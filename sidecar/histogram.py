@@ -71,8 +71,9 @@ class HistogramSeries:
     def observe(self, value: float, trace_id: str | None = None) -> None:
         raise NotImplementedError
 
-    def snapshot(self) -> tuple[list[int], NativeBuckets | None]:
-        """Per-bucket classic counts (the last is +Inf) and the native buckets, if any."""
+    def snapshot(self) -> tuple[list[int], dict[int, int] | None]:
+        """Per-bucket classic counts (the last is +Inf) and, for a native series, the
+        copy they were read from (`native_buckets` decodes it)."""
         raise NotImplementedError
 
 
@@ -92,7 +93,7 @@ class ClassicHistogramSeries(HistogramSeries):
         if trace_id is not None:
             self.exemplars[i] = (trace_id, value, time.time())
 
-    def snapshot(self) -> tuple[list[int], NativeBuckets | None]:
+    def snapshot(self) -> tuple[list[int], dict[int, int] | None]:
         return self.counts[:], None
 
 
@@ -218,29 +219,27 @@ class NativeHistogramSeries(HistogramSeries):
             counts = merged
         self._counts = counts  # one rebinding: a concurrent copy sees old or new, whole
 
-    def snapshot(self) -> tuple[list[int], NativeBuckets | None]:
-        counts = self._counts.copy()
-        positive: list[tuple[int, int]] = []
-        negative: list[tuple[int, int]] = []
-        for key, n in counts.items():
-            if -_SPAN < key < _SPAN:
-                positive.append((key, n))
-            elif _NEGATIVE - _SPAN < key < _NEGATIVE + _SPAN:
-                negative.append((key - _NEGATIVE, n))
-        positive.sort()
-        negative.sort()
-        pos_spans, pos_deltas = _spans(positive)
-        neg_spans, neg_deltas = _spans(negative)
-        native = NativeBuckets(
-            counts[_SCHEMA],
-            ZERO_THRESHOLD,
-            counts[_ZERO],
-            pos_spans,
-            pos_deltas,
-            neg_spans,
-            neg_deltas,
-        )
-        return [counts[k] for k in self._ckeys], native
+    def snapshot(self) -> tuple[list[int], dict[int, int] | None]:
+        counts = self._counts.copy()  # atomic under the GIL: one consistent state
+        return [counts[k] for k in self._ckeys], counts
+
+
+def native_buckets(counts: Mapping[int, int]) -> NativeBuckets:
+    """Decode a native series' snapshot (done only when a scrape asks for protobuf)."""
+    positive: list[tuple[int, int]] = []
+    negative: list[tuple[int, int]] = []
+    for key, n in counts.items():
+        if -_SPAN < key < _SPAN:
+            positive.append((key, n))
+        elif _NEGATIVE - _SPAN < key < _NEGATIVE + _SPAN:
+            negative.append((key - _NEGATIVE, n))
+    positive.sort()
+    negative.sort()
+    pos_spans, pos_deltas = _spans(positive)
+    neg_spans, neg_deltas = _spans(negative)
+    return NativeBuckets(
+        counts[_SCHEMA], ZERO_THRESHOLD, counts[_ZERO], pos_spans, pos_deltas, neg_spans, neg_deltas
+    )
 
 
 def _spans(items: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[int]]:
@@ -291,10 +290,11 @@ class NativeHistogramFamily(HistogramMetricFamily):
     def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
         super().__init__(name, documentation, labels=labels)
         self.labelnames = tuple(labels)
-        self.native: dict[tuple[str, ...], NativeBuckets] = {}
+        self.native: dict[tuple[str, ...], dict[int, int]] = {}  # label values -> snapshot
 
     def native_of(self, labels: Mapping[str, str]) -> NativeBuckets | None:
-        return self.native.get(tuple(labels.get(n, "") for n in self.labelnames))
+        counts = self.native.get(tuple(labels.get(n, "") for n in self.labelnames))
+        return None if counts is None else native_buckets(counts)
 
 
 class HistogramSet(Collector):

@@ -29,6 +29,7 @@ from sidecar.histogram import (
     HistogramSet,
     NativeHistogramSeries,
     bucket_index,
+    native_buckets,
     upper_bound,
 )
 
@@ -74,7 +75,8 @@ def test_series_counts_every_value_in_its_bucket_zero_negative_inf_and_nan():
         series.observe(v)
     for v in (0.0, ZERO_THRESHOLD, -0.25, math.inf, math.nan):
         series.observe(v)
-    classic, native = series.snapshot()
+    classic, raw = series.snapshot()
+    native = native_buckets(raw)
     assert native is not None and native.schema == 5
     assert sum(classic) == len(values) + 5
     expected = Counter(bucket_index(v, 5) for v in values)
@@ -93,7 +95,7 @@ def test_bucket_limit_halves_the_resolution_and_keeps_every_count():
     values = [rng.lognormvariate(-3, 1.0) for _ in range(5000)]
     for v in values:
         series.observe(v)
-    _, native = series.snapshot()
+    native = native_buckets(series.snapshot()[1])
     assert native is not None and native.schema < 5
     buckets = native.buckets()
     assert len(buckets) <= 40
@@ -108,7 +110,7 @@ def test_spans_and_deltas_round_trip(buckets):
     for index, n in buckets.items():
         for _ in range(n % 7 + 1):
             series.observe(upper_bound(index, 0))
-    _, native = series.snapshot()
+    native = native_buckets(series.snapshot()[1])
     assert native.buckets() == {i: n % 7 + 1 for i, n in buckets.items()}
     for offset, length in native.positive_spans[1:]:
         assert offset > 2 and length > 0  # gaps of up to 2 are carried as zeros
@@ -258,7 +260,7 @@ async def test_protobuf_carries_every_family_and_native_buckets(proxied):
         m for m in families["sidecar_request_duration_seconds"].metric
         if {(lp.name, lp.value) for lp in m.label} >= {("route", "/sleep/{id}"), ("code", "200")}
     ]  # fmt: skip
-    _, expected = duration.labels().snapshot()
+    expected = native_buckets(duration.labels().snapshot()[1])
     assert list(m.histogram.positive_span) == [
         pb.message_class("BucketSpan")(offset=o, length=n) for o, n in expected.positive_spans
     ]
