@@ -1,8 +1,9 @@
 """The metric model: every `sidecar_*` metric of the SPEC, in one registry.
 
 `RequestMetrics` is an observer (histograms, error counters: O(1) per record, with
-labelled series cached; histogram storage is `registry.HistogramSet`). The rolling
-quantiles are read at scrape time by `QuantileCollector`. Exposition lives in `exposition.py`.
+labelled series cached; histogram storage is `histogram.HistogramSet`; the histograms
+named in `NATIVE_HISTOGRAMS` also keep native buckets). The rolling quantiles are read
+at scrape time by `QuantileCollector`. Exposition lives in `exposition.py`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from .histogram import HistogramSeries, HistogramSet
 from .percentiles import QUANTILES, Snapshot
@@ -22,6 +24,14 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call] # n
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BOOL = {True: "true", False: "false"}
+# The SPEC's native histograms (exposed with native buckets when scraped as protobuf);
+# any histogram created through `Metrics._histogram` with one of these names gets them.
+NATIVE_HISTOGRAMS = frozenset({
+    "sidecar_request_duration_seconds",
+    "sidecar_time_to_first_token_seconds",
+    "sidecar_upstream_header_seconds",
+})  # fmt: skip
+NATIVE_SCHEMA = 5  # bucket growth 2^(1/32): within 1.08% of a bucket's middle
 
 
 class Metrics:
@@ -110,7 +120,8 @@ class Metrics:
     def _histogram(
         self, name: str, doc: str, labels: list[str], buckets: Sequence[float]
     ) -> HistogramSet:
-        histogram = HistogramSet(name, doc, labels, buckets)
+        native = NATIVE_SCHEMA if name in NATIVE_HISTOGRAMS else None
+        histogram = HistogramSet(name, doc, labels, buckets, native_schema=native)
         self.registry.register(histogram)
         return histogram
 
@@ -162,23 +173,33 @@ class RequestMetrics:
 
 
 class QuantileCollector(Collector):
-    """`sidecar_latency_quantile_seconds` from the last percentile snapshot."""
+    """`sidecar_latency_rolling_seconds`, a summary, from the last percentile snapshot:
+    quantiles over each rolling window, `_count` and `_sum` cumulative since start."""
+
+    NAME = "sidecar_latency_rolling_seconds"
 
     def __init__(self, snapshot: Callable[[], Snapshot | None]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "sidecar_latency_quantile_seconds",
-            "Rolling latency quantiles per route and window (1% relative accuracy).",
-            labels=["route", "stream", "window", "quantile"],
+        family = SummaryMetricFamily(
+            self.NAME,
+            "Rolling latency quantiles per route and window (1% relative accuracy); "
+            "_count and _sum are cumulative.",
+            labels=["route", "stream", "window"],
         )
         snap = self._snapshot()
         if snap is not None:
-            for (route, stream), per_window in snap.stats.items():
+            for key, per_window in snap.stats.items():
+                count, total = snap.totals.get(key, (0, 0.0))
+                route, stream = key
                 for window_s, stats in per_window.items():
-                    if not stats.count:
-                        continue
-                    for q, value in zip(QUANTILES, stats.quantiles, strict=True):
-                        family.add_metric([route, _BOOL[stream], f"{window_s}s", str(q)], value)
+                    labels = [route, _BOOL[stream], f"{window_s}s"]
+                    if stats.count:
+                        named = dict(zip(("route", "stream", "window"), labels, strict=True))
+                        for q, value in zip(QUANTILES, stats.quantiles, strict=True):
+                            family.samples.append(
+                                Sample(self.NAME, {**named, "quantile": str(q)}, value)
+                            )
+                    family.add_metric(labels, count, total)
         yield family

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .record import CLIENT_DISCONNECT, TimingRecord
@@ -57,6 +57,7 @@ class Snapshot:
     generated_at: float  # wall clock
     windows_s: tuple[int, ...]
     stats: dict[Key, dict[int, WindowStats]]
+    totals: dict[Key, tuple[int, float]] = field(default_factory=dict)  # count, sum since start
 
     def as_json(self) -> dict[str, Any]:
         routes: dict[str, Any] = {}
@@ -82,6 +83,7 @@ class Percentiles:
         self.windows_s = tuple(windows_s)
         self._windows: dict[Key, list[RollingHistogram]] = {}
         self._pending: dict[Key, SubWindow] = {}
+        self._totals: dict[Key, tuple[int, float]] = {}  # count, sum since start
         self._snapshot: Snapshot | None = None  # last computed
         self._fresh = False  # computed since the last tick
 
@@ -99,15 +101,19 @@ class Percentiles:
             counts = sub.counts  # SubWindow.add, inlined: this runs per request
             counts[bucket] = counts.get(bucket, 0) + 1
             sub.count += 1
+            sub.sum += seconds
             if seconds > sub.max:
                 sub.max = seconds
 
     def tick(self) -> None:
         """Close the current sub-window: push it into every rolling window."""
         pending, self._pending = self._pending, {}
-        for key in pending:
+        totals = self._totals
+        for key, sub in pending.items():
             if key not in self._windows:
                 self._windows[key] = [RollingHistogram(w, self.TICK_S) for w in self.windows_s]
+            count, total = totals.get(key, (0, 0.0))
+            totals[key] = (count + sub.count, total + sub.sum)
         for key, windows in self._windows.items():
             closed = pending.get(key)
             for window in windows:
@@ -128,7 +134,7 @@ class Percentiles:
                     )
                     for w in windows
                 }
-            snap = self._snapshot = Snapshot(time.time(), self.windows_s, stats)
+            snap = self._snapshot = Snapshot(time.time(), self.windows_s, stats, dict(self._totals))
             self._fresh = True
         return snap
 

@@ -10,19 +10,21 @@ SLOTS_PER_WINDOW = 60
 
 
 class SubWindow:
-    """What one tick (1 s) collected: sparse bucket counts and the exact max."""
+    """What one tick (1 s) collected: sparse bucket counts, the exact max and sum."""
 
-    __slots__ = ("count", "counts", "max")
+    __slots__ = ("count", "counts", "max", "sum")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
         self.count = 0
         self.max = 0.0
+        self.sum = 0.0
 
     def add(self, bucket: int, seconds: float) -> None:
         counts = self.counts
         counts[bucket] = counts.get(bucket, 0) + 1
         self.count += 1
+        self.sum += seconds
         if seconds > self.max:
             self.max = seconds
 
