@@ -289,7 +289,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                                     pass
                                 await asyncio.sleep(0.2)
                     t0 = time.monotonic()
-                    results: dict[str, Any] = {}
+                    results: dict[tuple[str, str], Any] = {}
                     # rate() over 15 s needs a few scrapes of live traffic: poll until every
                     # panel has data, for at most 40 s, then judge what we have
                     while True:

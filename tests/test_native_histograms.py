@@ -13,6 +13,7 @@ import tempfile
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -76,6 +77,7 @@ def test_series_counts_every_value_in_its_bucket_zero_negative_inf_and_nan():
     for v in (0.0, ZERO_THRESHOLD, -0.25, math.inf, math.nan):
         series.observe(v)
     classic, raw = series.snapshot()
+    assert raw is not None
     native = native_buckets(raw)
     assert native is not None and native.schema == 5
     assert sum(classic) == len(values) + 5
@@ -95,7 +97,7 @@ def test_bucket_limit_halves_the_resolution_and_keeps_every_count():
     values = [rng.lognormvariate(-3, 1.0) for _ in range(5000)]
     for v in values:
         series.observe(v)
-    native = native_buckets(series.snapshot()[1])
+    native = native_buckets(native_counts(series))
     assert native is not None and native.schema < 5
     buckets = native.buckets()
     assert len(buckets) <= 40
@@ -110,7 +112,7 @@ def test_spans_and_deltas_round_trip(buckets):
     for index, n in buckets.items():
         for _ in range(n % 7 + 1):
             series.observe(upper_bound(index, 0))
-    native = native_buckets(series.snapshot()[1])
+    native = native_buckets(native_counts(series))
     assert native.buckets() == {i: n % 7 + 1 for i, n in buckets.items()}
     for offset, length in native.positive_spans[1:]:
         assert offset > 2 and length > 0  # gaps of up to 2 are carried as zeros
@@ -148,11 +150,17 @@ def test_negotiation_picks_the_highest_q_we_serve(accept, expected):
 # --- the protobuf body against the text exposition ---------------------------------------
 
 
-def decode(body: bytes) -> dict[str, object]:
+def native_counts(series) -> dict[int, int]:
+    counts = series.snapshot()[1]
+    assert counts is not None, "not a native series"
+    return counts
+
+
+def decode(body: bytes) -> dict[str, Any]:
     return {f.name: f for f in pb.decode_delimited(body)}
 
 
-def type_name(family) -> str:
+def type_name(family) -> Any:
     return family.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number[family.type].name
 
 
@@ -260,7 +268,7 @@ async def test_protobuf_carries_every_family_and_native_buckets(proxied):
         m for m in families["sidecar_request_duration_seconds"].metric
         if {(lp.name, lp.value) for lp in m.label} >= {("route", "/sleep/{id}"), ("code", "200")}
     ]  # fmt: skip
-    expected = native_buckets(duration.labels().snapshot()[1])
+    expected = native_buckets(native_counts(duration.labels()))
     assert list(m.histogram.positive_span) == [
         pb.message_class("BucketSpan")(offset=o, length=n) for o, n in expected.positive_spans
     ]
@@ -346,7 +354,7 @@ async def prometheus(targets: list[str], *flags: str):
             proc.wait(10)
 
 
-async def query(client, prom: str, expr: str) -> list[dict]:
+async def query(client, prom: str, expr: str) -> Any:
     async with client.get(f"{prom}/api/v1/query", params={"query": expr}) as r:
         doc = await r.json()
     assert doc["status"] == "success", (expr, doc)
