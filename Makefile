@@ -35,7 +35,7 @@ test-aiohttp-lowest: tools
 	test -x $(LOWEST)/bin/pytest || $(PY) -m venv $(LOWEST)
 	$(LOWEST)/bin/pip install -q -c constraints-aiohttp-lowest.txt -e '.[speed,test]'
 	$(LOWEST)/bin/pytest -q -p no:cacheprovider tests/test_aiohttp_contract.py tests/test_proxy.py \
-	  tests/test_hostile.py tests/test_startup.py tests/test_shutdown.py
+	  tests/test_hostile.py tests/test_startup.py tests/test_shutdown.py tests/test_websocket.py
 
 ## tools: install the system tools the tests drive (redis-server, prometheus, nginx, wrk, ...)
 tools:

@@ -12,7 +12,9 @@ oversized lines), so nothing here needs escaping. What changes:
 - upstream-bound: ``Expect`` dropped (the proxy answers 100-continue itself),
   ``X-Forwarded-For`` appended to, ``X-Forwarded-Proto``/``-Host`` added when absent,
   ``X-Request-Id`` added when absent, ``Host`` added when absent (HTTP/1.0) or
-  replaced by the authority of an absolute-form target.
+  replaced by the authority of an absolute-form target;
+- a protocol upgrade (WebSocket) gets its ``Upgrade`` and ``Connection: Upgrade``
+  back (`upgrade_head`).
 """
 
 from __future__ import annotations
@@ -162,6 +164,14 @@ def request_head(
     if chunked:
         kept.append((b"Transfer-Encoding", b"chunked"))
     return head_bytes(method.encode("ascii") + b" " + target + b" HTTP/1.1", kept)
+
+
+def upgrade_head(head: bytes, protocols: bytes) -> bytes:
+    """``head`` (from `request_head`, which drops the hop-by-hop ``Upgrade`` and
+    ``Connection``) asking the upstream to switch to ``protocols`` (the client's
+    ``Upgrade`` value): ``Connection: Upgrade`` and ``Upgrade`` go back in. The
+    ``Sec-WebSocket-*`` headers are end-to-end and went through already."""
+    return head[:-2] + b"Connection: Upgrade\r\nUpgrade: " + protocols + b"\r\n\r\n"
 
 
 def head_bytes(start_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

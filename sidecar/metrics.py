@@ -32,6 +32,8 @@ NATIVE_HISTOGRAMS = frozenset({
     "sidecar_upstream_header_seconds",
 })  # fmt: skip
 NATIVE_SCHEMA = 5  # bucket growth 2^(1/32): within 1.08% of a bucket's middle
+# sessions last from seconds (a refused call) to hours (a realtime conversation)
+SESSION_BUCKETS_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 
 class Metrics:
@@ -116,6 +118,28 @@ class Metrics:
         self.queue_depth = Gauge(
             "sidecar_event_queue_depth", "Events waiting per sink.", ["sink"], registry=reg
         )
+        self.websocket_handshake = self._histogram(
+            "sidecar_websocket_handshake_seconds",
+            "WebSocket (upgrade) handshakes: from the request to the upstream's 101 relayed.",
+            ["route"],
+            buckets_s,
+        )
+        self.websocket_session = self._histogram(
+            "sidecar_websocket_session_seconds",
+            "WebSocket session durations from the 101, by who closed: client, upstream "
+            "(whose Close frame came first), shutdown, error (no Close frame).",
+            ["route", "close"],
+            SESSION_BUCKETS_S,
+        )
+        self.websocket_active = Gauge(
+            "sidecar_websocket_active", "WebSocket sessions open right now.", registry=reg
+        )
+        self.websocket_bytes = Counter(
+            "sidecar_websocket_bytes_total",
+            "Bytes tunnelled in WebSocket sessions: in = client to upstream, out = back.",
+            ["route", "direction"],
+            registry=reg,
+        )
 
     def _histogram(
         self, name: str, doc: str, labels: list[str], buckets: Sequence[float]
@@ -170,6 +194,23 @@ class RequestMetrics:
             stream_h.observe(record.end - record.start, trace_id)
         if record.error in UPSTREAM_ERRORS:
             m.upstream_errors.labels(route, record.error).inc()
+
+
+class WebSocketMetrics:
+    """Session observer (`tunnel.SessionObserver`): handshakes, session ends, bytes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def handshake(self, route: str, seconds: float) -> None:
+        self._m.websocket_handshake.labels(route).observe(seconds)
+
+    def counters(self, route: str) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        counter = self._m.websocket_bytes
+        return counter.labels(route, "in").inc, counter.labels(route, "out").inc
+
+    def session_end(self, route: str, close: str, seconds: float) -> None:
+        self._m.websocket_session.labels(route, close).observe(seconds)
 
 
 class QuantileCollector(Collector):

@@ -34,11 +34,13 @@ from .forwarding import (
     head_bytes,
     request_head,
     trace_id_of,
+    upgrade_head,
 )
 from .ids import new_id
 from .record import CLIENT_DISCONNECT, CLIENT_TIMEOUT, Observer, TimingRecord, latency_of
 from .responses import error_response
 from .routes import RouteLabeler
+from .tunnel import Tunnels
 from .upstream import ConnectFailed, UpstreamPool, UpstreamReset
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,7 @@ class Proxy:
         *,
         upstream_timeout_s: float,
         client_idle_timeout_s: float = 60.0,
+        tunnels: Tunnels | None = None,
     ) -> None:
         self._pool = UpstreamPool(upstream_url)
         self._default_host = self._pool.authority.encode("ascii")
@@ -139,6 +142,7 @@ class Proxy:
         self._labeler = labeler
         self._observers: tuple[Observer, ...] = tuple(observers)
         self.in_flight = 0
+        self.tunnels = Tunnels() if tunnels is None else tunnels  # upgraded: sessions
         self.draining = False
         self._idle: asyncio.Event | None = None
 
@@ -193,31 +197,34 @@ class Proxy:
             if self._idle is not None and not self.in_flight:
                 self._idle.set()
             end = _perf()
-            first_byte_at = state.first_byte_at
-            stream = state.stream
-            # positional, in field order: keyword construction of a NamedTuple costs
-            # ~1 µs more per request (measured); tests/test_proxy.py checks the fields
-            self._emit(
-                TimingRecord(
-                    start,
-                    state.sent_at,
-                    state.headers_at,
-                    state.upstream_end,
-                    first_byte_at,
-                    end,
-                    wall,
-                    request.method,
-                    route,
-                    state.status,
-                    state.bytes_in,
-                    state.bytes_out,
-                    stream,
-                    request_id,
-                    trace_id_of(headers.get("traceparent")),
-                    state.error,
-                    latency_of(start, first_byte_at, end, stream),
+            if state.status == 101:  # a tunnel now: a session, kept out of request stats
+                self.tunnels.handshake(route, end - start)
+            else:
+                first_byte_at = state.first_byte_at
+                stream = state.stream
+                # positional, in field order: keyword construction of a NamedTuple costs
+                # ~1 µs more per request (measured); tests/test_proxy.py checks the fields
+                self._emit(
+                    TimingRecord(
+                        start,
+                        state.sent_at,
+                        state.headers_at,
+                        state.upstream_end,
+                        first_byte_at,
+                        end,
+                        wall,
+                        request.method,
+                        route,
+                        state.status,
+                        state.bytes_in,
+                        state.bytes_out,
+                        stream,
+                        request_id,
+                        trace_id_of(headers.get("traceparent")),
+                        state.error,
+                        latency_of(start, first_byte_at, end, stream),
+                    )
                 )
-            )
 
     def _refuse(self, state: _RequestState, status: int, kind: str, message: str) -> web.Response:
         state.status = status
@@ -255,11 +262,12 @@ class Proxy:
         else:
             return self._refuse(state, 400, "bad_request", "unsupported request target")
         upgrade = request.headers.get(hdrs.UPGRADE)
-        if upgrade is not None and upgrade.strip().lower() != "h2c":
-            # h2c offers are ignored (RFC 9113 3.1): Upgrade is hop-by-hop, dropped below
-            return self._refuse(
-                state, 501, "not_implemented", "protocol upgrade (WebSocket) is not proxied"
-            )
+        if upgrade is not None and (
+            upgrade.strip().lower() == "h2c" or request.version != HttpVersion11
+        ):
+            # ignored: h2c offers (RFC 9113 3.1), any in HTTP/1.0 (RFC 9110 7.8);
+            # Upgrade is hop-by-hop, dropped below
+            upgrade = None
         body_exists = request.body_exists
         if body_exists and request.headers.get(EXPECT, "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -278,6 +286,8 @@ class Proxy:
             )
         except BadRequest as exc:
             return self._refuse(state, exc.status, "bad_request", str(exc))
+        if upgrade is not None:  # WebSocket: a 101 turns the exchange into a tunnel
+            head = upgrade_head(head, upgrade.encode("utf-8", "surrogateescape"))
         task = asyncio.current_task()
         assert task is not None
         body: AsyncIterator[bytes] | None = None
@@ -313,6 +323,17 @@ class Proxy:
         connection = upstream.connection
         state.headers_at = _perf()
         state.status = upstream.status
+        if upstream.status == 101:
+            if upgrade is None:  # RFC 9110 15.2.2: only to a protocol the client offered
+                connection.close()
+                raise UpstreamError("reset", 502, "upstream switched protocols unasked")
+            return self.tunnels.open(
+                request,
+                upstream,
+                self._labeler.label(request.path),
+                upgrade.encode("utf-8", "surrogateescape"),
+                request_id,
+            )
         stream = upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith(_EVENT_STREAM)
         state.stream = stream
         raw = end_to_end(upstream.raw_headers)

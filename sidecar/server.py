@@ -29,7 +29,7 @@ from .connections import GuardedAppRunner, GuardedServer, Limits
 from .events import EventBus
 from .exposition import metrics_handler
 from .listeners import close, listening
-from .metrics import Metrics, QuantileCollector, RequestMetrics
+from .metrics import Metrics, QuantileCollector, RequestMetrics, WebSocketMetrics
 from .percentiles import Percentiles
 from .profiling import Profiler
 from .proxy import Proxy
@@ -38,6 +38,7 @@ from .runtime import LoopLag, RuntimeCollector, RuntimeStats, Target
 from .signals import StopSignals
 from .sinks import build_sinks
 from .ticker import LoopTicker, Ticker
+from .tunnel import Tunnels
 
 log = logging.getLogger(__name__)
 ADMIN_MAX_CONNECTIONS = 256
@@ -66,8 +67,10 @@ class Sidecar:
             ],
             upstream_timeout_s=s.upstream_timeout_s,
             client_idle_timeout_s=s.client_idle_timeout_s,
+            tunnels=Tunnels(WebSocketMetrics(self.metrics)),
         )
         self.metrics.in_flight.set_function(lambda: self.proxy.in_flight)
+        self.metrics.websocket_active.set_function(lambda: len(self.proxy.tunnels))
         self.metrics.registry.register(QuantileCollector(lambda: self.percentiles.last_snapshot))
         self.loop_lag = LoopLag()
         self.runtime = RuntimeStats(
@@ -195,8 +198,9 @@ class Sidecar:
 
     async def drain(self) -> None:
         """SIGTERM: `/readyz` turns 503 at once; the proxy listener keeps accepting
-        while in-flight requests finish (their responses carry ``Connection: close``),
-        for at most SIDECAR_SHUTDOWN_GRACE_S; then it closes. Pending events get what is
+        while in-flight requests finish (their responses carry ``Connection: close``)
+        and WebSocket sessions go on, for at most SIDECAR_SHUTDOWN_GRACE_S; then open
+        sessions are closed and the listener closes. Pending events get what is
         left of the grace period, and at least two seconds, to be delivered (a sink that
         has been failing gives up sooner and counts what it drops). Then everything
         else stops, in reverse order of starting."""
@@ -211,8 +215,10 @@ class Sidecar:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self.proxy.wait_idle()
+                await self.proxy.tunnels.wait_closed()
         if self.proxy.in_flight:
             log.warning("grace period over", extra={"in_flight": self.proxy.in_flight})
+        await self.proxy.tunnels.close_all()  # WebSocket sessions: close="shutdown"
         if self._proxy_runner is not None:
             await close(self._proxy_runner)
         await self.bus.flush(max(2.0, deadline - loop.time()))

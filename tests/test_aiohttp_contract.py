@@ -44,6 +44,9 @@ METHODS = [
     (RequestHandler, "connection_made", "connections.py counts connections"),
     (RequestHandler, "connection_lost", "connections.py counts connections"),
     (web.AppRunner, "_make_server", "connections.py guards the admin listener"),
+    (RequestHandler, "set_parser", "tunnel.py takes bytes read past an upgrade request"),
+    (ResponseHandler, "set_parser", "tunnel.py takes bytes read past a 101"),
+    (RequestHandler, "finish_response", "tunnel.py: prepare and write_eof of a tunnel"),
 ]
 
 ATTRIBUTES = [
@@ -121,6 +124,23 @@ def test_server_builds_handlers_from_its_kwargs():
             f"aiohttp {aiohttp.__version__}: web.Server.{name} is gone "
             "(connections.GuardedServer uses it)"
         )
+
+
+def test_set_parser_hands_over_the_bytes_read_past_a_head():
+    for owner in (RequestHandler, ResponseHandler):
+        source = inspect.getsource(owner.set_parser)
+        assert "_tail" in source, (
+            f"aiohttp {aiohttp.__version__}: {owner.__qualname__}.set_parser no longer "
+            "feeds the bytes buffered after the head to the new parser (tunnel.py)"
+        )
+
+
+def test_a_handlers_response_is_prepared_then_ended():
+    source = inspect.getsource(RequestHandler.finish_response)
+    assert 0 <= source.find("await prepare_meth(") < source.find("await resp.write_eof("), (
+        f"aiohttp {aiohttp.__version__}: RequestHandler.finish_response no longer calls "
+        "prepare() then write_eof() (tunnel._TunnelResponse overrides both)"
+    )
 
 
 def test_http_versions_compare_as_tuples():

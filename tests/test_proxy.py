@@ -260,11 +260,12 @@ async def test_expect_100_continue(proxied):
     writer.close()
 
 
-async def test_websocket_upgrade_gets_clear_501(proxied):
+async def test_websocket_upgrade_is_forwarded(proxied):
+    """Tunnelling is tests/test_websocket.py's; here: the upstream's refusal comes back."""
     _, _, _, client, base = proxied
     with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
         await asyncio.wait_for(client.ws_connect(f"{base}/ws"), 5)
-    assert exc.value.status == 501
+    assert exc.value.status == 404  # tests/upstream.py has no /ws
 
 
 async def test_timing_record(proxied):
