@@ -484,13 +484,13 @@ def test_after_the_barrage_memory_metrics_and_events_are_fine(stack: Stack) -> N
         stack.port, b"GET /sleep/120 HTTP/1.1\r\n" + H + b"X-Request-Id: after\r\n\r\n"
     )
     assert answer.status == 200
-    client = redis.Redis.from_url(stack.redis.url, decode_responses=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        entries: Any = client.xrange("sidecar:events")
-        ids = [f.get("request_id") for _, f in entries]
-        if "after" in ids:
-            break
-        time.sleep(0.05)
+    with redis.Redis.from_url(stack.redis.url, decode_responses=True) as client:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            entries: Any = client.xrange("sidecar:events")
+            ids = [f.get("request_id") for _, f in entries]
+            if "after" in ids:
+                break
+            time.sleep(0.05)
     assert "after" in ids
     assert_alive(stack)
