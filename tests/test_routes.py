@@ -4,6 +4,8 @@ import pytest
 
 from sidecar.routes import ALL, ASTERISK, LABEL_MAX, OTHER, RouteLabeler, collapse_ids
 
+from .rawhttp import raw_request
+
 
 @pytest.mark.parametrize(
     ("path", "label"),
@@ -120,3 +122,15 @@ def test_long_paths_are_not_cached():
         lab.label(f"/{i:04d}" + "z" * 8000)
     assert all(len(p) <= 256 for p in lab._cache)
     assert sum(len(p) for p in lab._cache) < 256 * 10_000
+
+
+async def test_options_asterisk_is_counted_once_through_the_proxy(proxied):
+    """`OPTIONS *` used to get the label `*`, so `*` (all routes) counted it twice."""
+    _, sc, records, _, _ = proxied
+    await raw_request(sc.proxy_port, b"OPTIONS * HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+    (record,) = await records.wait_for(1)
+    assert record.route == "OPTIONS *"
+    sc.percentiles.tick()
+    routes = sc.percentiles.snapshot().as_json()["routes"]
+    assert routes["OPTIONS *"]["60"]["count"] == 1
+    assert routes["*"]["60"]["count"] == 1
