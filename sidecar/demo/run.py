@@ -1,4 +1,10 @@
-"""`latency-sidecar demo`: gateway + sidecar + traffic + live table, in one process."""
+"""`latency-sidecar demo`: gateway + sidecar + traffic + live table, in one process.
+
+The whole story within half a minute: the gateway's chat slows down x4 from 5 s to
+15 s of every minute (`SCHEDULE`); the sidecar judges a 10 s window every second
+(`DEMO_SETTINGS`), so breaches are raised within a few seconds of the slowdown and
+resolved about 10 s after it ends (when the window no longer holds slow requests).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ from typing import Any, TextIO
 
 from ..config import load_settings
 from ..server import Sidecar
-from .gateway import serve_gateway
+from .gateway import Schedule, serve_gateway
 from .table import ErrorCounter, render
 from .traffic import Traffic
 
 CLEAR = "\x1b[H\x1b[2J"
+SCHEDULE = Schedule(cycle_s=60, slow_from_s=5, slow_to_s=15, factor=4)
+DEMO_SETTINGS: dict[str, Any] = {"windows_s": [10, 60], "eval_interval_s": 1.0}
 
 
 async def run_demo(
@@ -25,11 +33,13 @@ async def run_demo(
     out: TextIO = sys.stdout,
     **overrides: Any,
 ) -> int:
-    gateway = await serve_gateway("127.0.0.1", 0)
+    gateway = await serve_gateway("127.0.0.1", 0, schedule=SCHEDULE)
     gw_port = gateway.addresses[0][1]
-    settings = load_settings(upstream_url=f"http://127.0.0.1:{gw_port}", **overrides)
+    settings = load_settings(
+        upstream_url=f"http://127.0.0.1:{gw_port}", **{**DEMO_SETTINGS, **overrides}
+    )
     sidecar = Sidecar(settings)
-    errors = ErrorCounter()
+    errors = ErrorCounter(settings.windows_s[0])
     sidecar.proxy.add_observer(errors)
     await sidecar.start()
     host = settings.listen.host if settings.listen.host not in ("0.0.0.0", "::") else "127.0.0.1"
@@ -41,7 +51,9 @@ async def run_demo(
         f"sidecar proxy  http://{host}:{sidecar.proxy_port}  (try: curl -s "
         f"http://{host}:{sidecar.proxy_port}/v1/models)\n"
         f"admin          {admin}/percentiles  {admin}/metrics  {admin}/breaches  "
-        f"{admin}/stats\n",
+        f"{admin}/stats\n"
+        f"schedule       chat slows down x{SCHEDULE.factor:g} from {SCHEDULE.slow_from_s:g} s "
+        f"to {SCHEDULE.slow_to_s:g} s of every minute: watch the breaches come and go\n",
         file=out,
         flush=True,
     )
@@ -59,7 +71,11 @@ async def run_demo(
                 await asyncio.wait_for(stop.wait(), refresh_s)
             elapsed = loop.time() - started
             table = render(
-                sidecar.percentiles.snapshot(), errors, elapsed, sidecar.active_breach_names()
+                sidecar.percentiles.snapshot(),
+                errors,
+                elapsed,
+                sidecar.active_breach_names(),
+                sidecar.bus.recent,
             )
             print((CLEAR if tty else "") + table + "\n", file=out, flush=True)
             if duration is not None and elapsed >= duration:
