@@ -34,6 +34,14 @@ class SidecarProcess:
     async def wait(self, timeout: float = 30) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
+    async def wait_for_metric(self, sample: str, timeout: float = 10) -> None:
+        """Poll ``/metrics`` (nothing can notify us) until it holds ``sample``."""
+        async with aiohttp.ClientSession() as client, asyncio.timeout(timeout):
+            while True:
+                async with client.get(f"{self.admin}/metrics") as m:
+                    if sample in await m.text():
+                        return
+
 
 async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
     port, admin_port = free_port(), free_port()

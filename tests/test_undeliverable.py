@@ -15,6 +15,14 @@ from .rawhttp import raw_request
 from .test_events import stream_entries, synthetic, wait_until
 
 
+async def _sidecar(upstream_url, redis_url):
+    """Every request slower than 20 ms raises an event; 20 s of grace on SIGTERM."""
+    return await spawn_sidecar(
+        upstream_url, SIDECAR_REDIS_URL=redis_url, SIDECAR_SLOW_REQUEST_MS="20",
+        SIDECAR_SHUTDOWN_GRACE_S="20",
+    )  # fmt: skip
+
+
 async def _request_ids(url):
     return [f.get("request_id") for _, f in await stream_entries(url)]
 
@@ -24,10 +32,7 @@ async def test_non_utf8_request_id_does_not_stop_event_delivery(upstream, redis_
     """`X-Request-Id: bad\\xff\\xfe` on a slow request used to yield an event redis-py
     could not encode; the sink retried it forever and every later event waited."""
     _, url = upstream
-    sc = await spawn_sidecar(
-        url, SIDECAR_REDIS_URL=redis_server.url, SIDECAR_SLOW_REQUEST_MS="20",
-        SIDECAR_SHUTDOWN_GRACE_S="20",
-    )  # fmt: skip
+    sc = await _sidecar(url, redis_server.url)
     answer = await raw_request(
         sc.port,
         b"GET /sleep/60 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: bad\xff\xfe\xe2\x80\xae\r\n"
@@ -95,20 +100,13 @@ async def test_sigterm_with_redis_dead_exits_early_counting_what_is_lost(upstrea
     could not come back. Now the flush stops once the sink has failed for 5 s and
     logs how many events it drops."""
     _, url = upstream
-    sc = await spawn_sidecar(
-        url, SIDECAR_REDIS_URL=redis_server.url, SIDECAR_SLOW_REQUEST_MS="20",
-        SIDECAR_SHUTDOWN_GRACE_S="20",
-    )  # fmt: skip
+    sc = await _sidecar(url, redis_server.url)
     redis_server.kill()
     async with aiohttp.ClientSession() as client:
         for i in range(3):
             async with client.get(f"{sc.base}/sleep/40", headers={"X-Request-Id": f"l{i}"}):
                 pass
-        async with asyncio.timeout(10):  # the events are queued, not delivered
-            while True:
-                async with client.get(f"{sc.admin}/metrics") as m:
-                    if 'sidecar_event_queue_depth{sink="redis"} 3.0' in await m.text():
-                        break
+    await sc.wait_for_metric('sidecar_event_queue_depth{sink="redis"} 3.0')  # queued
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     sc.terminate()
