@@ -34,7 +34,7 @@ class Schedule:
     cycle_s: float = 60.0
     slow_from_s: float = 5.0
     slow_to_s: float = 15.0
-    factor: float = 4.0
+    factor: float = 5.0
 
     def factor_at(self, elapsed_s: float) -> float:
         in_cycle = elapsed_s % self.cycle_s
@@ -90,7 +90,7 @@ class DemoGateway:
         model = body.get("model", MODELS[0])
         if body.get("stream"):
             return await self._chat_stream(request, model)
-        await asyncio.sleep(self._delay(45, 0.3) * self.slowdown())
+        await asyncio.sleep(self._delay(35, 0.3) * self.slowdown())
         if (failure := self._maybe_fail()) is not None:
             return failure
         return web.json_response(
@@ -111,7 +111,7 @@ class DemoGateway:
         )
 
     async def _chat_stream(self, request: web.Request, model: str) -> web.StreamResponse:
-        await asyncio.sleep(self._delay(40, 0.3) * self.slowdown())  # time to first token
+        await asyncio.sleep(self._delay(30, 0.3) * self.slowdown())  # time to first token
         if (failure := self._maybe_fail()) is not None:
             return failure
         resp = web.StreamResponse(

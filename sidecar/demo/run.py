@@ -1,6 +1,6 @@
 """`latency-sidecar demo`: gateway + sidecar + traffic + live table, in one process.
 
-The whole story within half a minute: the gateway's chat slows down x4 from 5 s to
+The whole story within half a minute: the gateway's chat slows down x5 from 5 s to
 15 s of every minute (`SCHEDULE`); the sidecar judges a 10 s window every second
 (`DEMO_SETTINGS`), so breaches are raised within a few seconds of the slowdown and
 resolved about 10 s after it ends (when the window no longer holds slow requests).
@@ -21,7 +21,7 @@ from .table import ErrorCounter, render
 from .traffic import Traffic
 
 CLEAR = "\x1b[H\x1b[2J"
-SCHEDULE = Schedule(cycle_s=60, slow_from_s=5, slow_to_s=15, factor=4)
+SCHEDULE = Schedule(cycle_s=60, slow_from_s=5, slow_to_s=15, factor=5)
 DEMO_SETTINGS: dict[str, Any] = {"windows_s": [10, 60], "eval_interval_s": 1.0}
 
 

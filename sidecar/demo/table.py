@@ -79,5 +79,5 @@ def render(
     changes = [e for e in events if e.type in (BREACH, RESOLVED)]
     if changes:
         lines.append("latest breach events (as `latency-sidecar events` prints them):")
-        lines.extend("  " + format_event(e.event_id, e.fields()) for e in changes[-6:])
+        lines.extend("  " + format_event(e.event_id, e.fields()) for e in changes[-8:])
     return "\n".join(lines)
