@@ -7,7 +7,9 @@ samples, or when the window is empty (no traffic, no latency problem). Between t
 lines the state holds, so a value hovering at the threshold does not flap.
 
 `SlowRequests` is the hot-path observer for single slow requests, rate limited so a
-slow upstream cannot flood the sinks.
+slow upstream cannot flood the sinks. The client's `X-Request-Id` enters its event
+here, so it is made printable and cut to `REQUEST_ID_MAX` characters (the route is a
+label, already bounded and printable; the trace id is validated hex).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from .config import Settings
 from .events import BREACH, RESOLVED, SLOW_REQUEST, Event, EventBus
 from .metrics import Metrics
 from .percentiles import Percentiles
+from .printable import untrusted
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .timefmt import iso_ms
 
 log = logging.getLogger(__name__)
 HYSTERESIS = 0.10
+REQUEST_ID_MAX = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +177,7 @@ class SlowRequests:
                 samples=None,
                 instance=self._instance,
                 ts=record.wall + latency,
-                request_id=record.request_id,
+                request_id=untrusted(record.request_id, REQUEST_ID_MAX),
                 trace_id=record.trace_id or "",
             )
         )

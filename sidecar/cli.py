@@ -146,6 +146,8 @@ def cmd_demo_traffic(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     import os
 
+    from redis.exceptions import RedisError
+
     from .reader import read_events
 
     # only the Redis settings matter here: no upstream is needed to read events
@@ -166,9 +168,10 @@ def cmd_events(args: argparse.Namespace) -> int:
                 out=sys.stdout,
             )
         )
-    except OSError as exc:
-        print(f"latency-sidecar: cannot read events from Redis: {exc}", file=sys.stderr)
-        return 1
+    except (RedisError, OSError) as exc:  # unreachable, refused, auth, wrong type ...
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"latency-sidecar: cannot read events from Redis: {reason}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -324,6 +324,10 @@ class HistogramSet(Collector):
         self._le = [str(floatToGoString(b)) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         self._series: dict[tuple[str, ...], HistogramSeries] = {}
 
+    def __len__(self) -> int:
+        """The number of label sets."""
+        return len(self._series)
+
     def labels(self, *values: str) -> HistogramSeries:
         series = self._series.get(values)
         if series is None:

@@ -2,11 +2,17 @@
 
 Handlers run behind a `QueueHandler`, so a log call on the event loop only enqueues a
 record; the write to stderr happens on the listener thread.
+
+Every record is one line whatever it carries: JSON escapes control characters itself;
+the text format escapes them in the message and every field (`printable`), so a
+client's ``%0a`` cannot forge a line nor ``%1b`` reach a terminal; a traceback follows
+on indented lines.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import logging
 import logging.handlers
@@ -15,7 +21,24 @@ import sys
 import time
 from typing import Any
 
+from .printable import printable
+
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The ``extra=`` fields of a record."""
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _RESERVED and not key.startswith("_")
+    }
+
+
+def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str | None:
+    if record.exc_info:
+        return formatter.formatException(record.exc_info)
+    return record.exc_text or None
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,12 +50,45 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                doc[key] = value
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+        doc.update(_fields(record))
+        if (exc := _traceback(self, record)) is not None:
+            doc["exc"] = exc
         return json.dumps(doc, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``<time> <level> <logger>: <message> key=value ...``, control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [
+            f"{self.formatTime(record)} {record.levelname:<7} {record.name}: "
+            + printable(record.getMessage())
+        ]
+        for key, value in _fields(record).items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            parts.append(f"{printable(key)}={printable(text)}")
+        line = " ".join(parts)
+        for block in (_traceback(self, record), record.stack_info):
+            if block:
+                line += "".join(f"\n    {printable(part)}" for part in block.splitlines())
+        return line
+
+
+class _Enqueue(logging.handlers.QueueHandler):
+    """Like `QueueHandler`, but the traceback stays apart from the message (in
+    ``exc_text``) so that each formatter lays it out its own way."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg = record.message = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = _PLAIN.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_PLAIN = logging.Formatter()
 
 
 _listener: logging.handlers.QueueListener | None = None
@@ -44,14 +100,10 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     if _listener is not None:
         _listener.stop()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(q)]
+    root.handlers[:] = [_Enqueue(q)]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     _listener = logging.handlers.QueueListener(q, handler, respect_handler_level=True)

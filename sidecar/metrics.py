@@ -19,10 +19,13 @@ from prometheus_client.samples import Sample
 from .histogram import HistogramSeries, HistogramSet
 from .percentiles import QUANTILES, Snapshot
 from .record import UPSTREAM_ERRORS, TimingRecord
+from .routes import OTHER
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call] # no *_created series: they double cardinality
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SERIES_MAX = 1000  # label sets per histogram family before folding into route="other"
+OVERFLOW_MAX = 100  # further label sets with route="other" before method/code fold too
 _BOOL = {True: "true", False: "false"}
 # The SPEC's native histograms (exposed with native buckets when scraped as protobuf);
 # any histogram created through `Metrics._histogram` with one of these names gets them.
@@ -115,6 +118,13 @@ class Metrics:
             ["listener", "reason"],
             registry=reg,
         )
+        self.series_overflow = Counter(
+            "sidecar_metric_series_overflow_total",
+            'Observations folded into route="other" because a histogram family was '
+            "at its cap of label sets.",
+            ["metric"],
+            registry=reg,
+        )
         self.queue_depth = Gauge(
             "sidecar_event_queue_depth", "Events waiting per sink.", ["sink"], registry=reg
         )
@@ -151,14 +161,21 @@ class Metrics:
 
 
 class RequestMetrics:
-    """Observer: one record -> histogram observations and error counts."""
+    """Observer: one record -> histogram observations and error counts.
+
+    Label values are bounded whatever clients send: routes by the labeler, methods
+    to a known set (else ``other``), ``code`` to real statuses 100-599 (else
+    ``other``), and each histogram family to `SERIES_MAX` label sets: past it a new
+    label set is folded into ``route="other"`` (past `SERIES_MAX` + `OVERFLOW_MAX`,
+    method and code become ``other`` too), counted in
+    ``sidecar_metric_series_overflow_total{metric}``.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._m = metrics
         self._children: dict[tuple[str, str, int, bool], HistogramSeries] = {}
-        self._route_children: dict[
-            str, tuple[HistogramSeries, HistogramSeries, HistogramSeries]
-        ] = {}
+        self._route_children: dict[str, tuple[HistogramSeries, HistogramSeries]] = {}
+        self._stream_children: dict[str, HistogramSeries] = {}
 
     def observe(self, record: TimingRecord) -> None:
         m = self._m
@@ -167,17 +184,11 @@ class RequestMetrics:
         key = (route, method, record.status, record.stream)
         duration = self._children.get(key)
         if duration is None:
-            duration = self._children[key] = m.request_duration.labels(
-                route, method, str(record.status), _BOOL[record.stream]
-            )
+            duration = self._duration_series(key)
         per_route = self._route_children.get(route)
         if per_route is None:
-            per_route = self._route_children[route] = (
-                m.upstream_header.labels(route),
-                m.overhead.labels(route),
-                m.stream_duration.labels(route),
-            )
-        header_h, overhead_h, stream_h = per_route
+            per_route = self._per_route_series(route)
+        header_h, overhead_h = per_route
         trace_id = record.trace_id
         duration.observe(record.latency, trace_id)
         sent_at = record.sent_at
@@ -191,9 +202,48 @@ class RequestMetrics:
                 # the upstream body ended (the total minus time waiting on the upstream)
                 overhead_h.observe(max(0.0, sent_at - record.start + record.end - upstream_end))
         if record.stream:
+            stream_h = self._stream_children.get(route)
+            if stream_h is None:
+                stream_h = self._stream_series(route)
             stream_h.observe(record.end - record.start, trace_id)
         if record.error in UPSTREAM_ERRORS:
-            m.upstream_errors.labels(route, record.error).inc()
+            m.upstream_errors.labels(
+                route if route in self._route_children else OTHER, record.error
+            ).inc()
+
+    # The slow paths: first observation of a label set (cached), or overflow (not).
+
+    def _duration_series(self, key: tuple[str, str, int, bool]) -> HistogramSeries:
+        route, method, status, stream = key
+        code = str(status) if 100 <= status <= 599 else OTHER
+        family = self._m.request_duration
+        if len(self._children) < SERIES_MAX:
+            series = self._children[key] = family.labels(route, method, code, _BOOL[stream])
+            return series
+        self._m.series_overflow.labels(family.name).inc()
+        if len(family) < SERIES_MAX + OVERFLOW_MAX:
+            return family.labels(OTHER, method, code, _BOOL[stream])
+        return family.labels(OTHER, OTHER, OTHER, _BOOL[stream])
+
+    def _per_route_series(self, route: str) -> tuple[HistogramSeries, HistogramSeries]:
+        m = self._m
+        if len(self._route_children) < SERIES_MAX:
+            series = self._route_children[route] = (
+                m.upstream_header.labels(route),
+                m.overhead.labels(route),
+            )
+            return series
+        m.series_overflow.labels(m.upstream_header.name).inc()
+        m.series_overflow.labels(m.overhead.name).inc()
+        return m.upstream_header.labels(OTHER), m.overhead.labels(OTHER)
+
+    def _stream_series(self, route: str) -> HistogramSeries:
+        family = self._m.stream_duration
+        if len(self._stream_children) < SERIES_MAX:
+            series = self._stream_children[route] = family.labels(route)
+            return series
+        self._m.series_overflow.labels(family.name).inc()
+        return family.labels(OTHER)
 
 
 class WebSocketMetrics:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+import aiohttp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,6 +41,14 @@ class SidecarProcess:
 
     async def wait(self, timeout: float = 30) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def wait_for_metric(self, sample: str, timeout: float = 10) -> None:
+        """Poll ``/metrics`` (nothing can notify us) until it holds ``sample``."""
+        async with aiohttp.ClientSession() as client, asyncio.timeout(timeout):
+            while True:
+                async with client.get(f"{self.admin}/metrics") as m:
+                    if sample in await m.text():
+                        return
 
 
 def sidecar_env(upstream: str, **env: str) -> dict[str, str]:

@@ -1,38 +1,33 @@
-"""`latency-sidecar demo` runs, shows all three kinds of traffic, exits 0 (issue 3)."""
+"""`latency-sidecar demo` runs, shows all three kinds of traffic, exits 0 (issue 3), and
+tells the whole story within half a minute: breaches raised, then resolved (issue 10)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
+import pytest
+
+from sidecar.demo.table import ErrorCounter
+from sidecar.record import TimingRecord
+
+
+def run_demo(duration: float) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    argv = [sys.executable, "-m", "sidecar", "demo", "--duration", str(duration)]
+    argv += ["--refresh", "1", "--rps", "60"]
+    argv += ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    return out
+
 
 def test_demo_runs_and_exits_cleanly():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sidecar",
-            "demo",
-            "--duration",
-            "4",
-            "--refresh",
-            "1",
-            "--rps",
-            "60",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr
-    last = out.stdout.rsplit("last 60s window", 1)[1]
+    out = run_demo(4)
+    last = out.stdout.rsplit("last 10s window", 1)[1]
     rows = {tuple(line.split()[:2]) for line in last.splitlines() if line.startswith("/")}
     assert ("/v1/chat/completions", "unary") in rows
     assert ("/v1/embeddings", "unary") in rows
@@ -40,3 +35,40 @@ def test_demo_runs_and_exits_cleanly():
     assert "admin" in out.stdout and "/percentiles" in out.stdout
     assert "demo finished" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_shows_breaches_raised_then_resolved_within_30s():
+    """The README promises: chat slows down from 5 s to 15 s, breaches within seconds,
+    all resolved about 10 s after the slowdown ends."""
+    out = run_demo(30)
+    frames = out.stdout.split("last 10s window")[1:]
+    breached = [i for i, f in enumerate(frames) if "active breaches: none" not in f]
+    assert breached, out.stdout[-3000:]
+    assert breached[0] <= 12, "breaches within ~12 s of the start"
+    assert re.search(r"breach +warning +/v1/chat/completions +p95=", frames[breached[0]])
+    # then every breach resolved (a later one, on a loaded machine, does not undo that)
+    calm = [i for i, f in enumerate(frames) if i > breached[0] and "active breaches: none" in f]
+    assert calm, frames[-1]
+    assert re.search(r"resolved +warning +/v1/chat/completions +p95=", frames[calm[0]])
+
+
+def _failure(route: str) -> TimingRecord:
+    return TimingRecord(
+        0.0, None, None, None, None, 0.01, 0.0, "GET", route, 502, 0, 0, False, "r", None,
+        "connect", 0.01,
+    )  # fmt: skip
+
+
+def test_error_column_counts_the_window_only():
+    now = [1000.0]
+    errors = ErrorCounter(10, clock=lambda: now[0])
+    for _ in range(3):
+        errors.observe(_failure("/a"))
+    now[0] += 5
+    errors.observe(_failure("/a"))
+    assert errors.count("/a", False) == 4 and errors.count("*", False) == 4
+    now[0] += 6  # the first three are 11 s old: out of the 10 s window
+    assert errors.count("/a", False) == 1
+    now[0] += 5
+    assert errors.count("/a", False) == 0 and errors.count("*", False) == 0

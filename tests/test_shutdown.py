@@ -70,14 +70,12 @@ async def test_sigterm_flushes_pending_events(upstream, redis_server):
         SIDECAR_SHUTDOWN_GRACE_S="10",
     )  # fmt: skip
     redis_server.pause()
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"{sc.base}/sleep/40", headers={"X-Request-Id": "flush-me"}) as r:
-            assert r.status == 200
-        async with asyncio.timeout(10):  # the event is queued, not delivered
-            while True:
-                async with client.get(f"{sc.admin}/metrics") as m:
-                    if 'sidecar_event_queue_depth{sink="redis"} 1.0' in await m.text():
-                        break
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{sc.base}/sleep/40", headers={"X-Request-Id": "flush-me"}) as r,
+    ):
+        assert r.status == 200
+    await sc.wait_for_metric('sidecar_event_queue_depth{sink="redis"} 1.0')  # queued
     sc.terminate()
     redis_server.resume()
     assert await sc.wait(20) == 0

@@ -44,7 +44,7 @@ class Upstream:
         r.add_get("/status/{code}", self.status)
         r.add_get("/sleep/{ms}", self.sleep)
         r.add_get("/slow-stream/{ms}", self.slow_stream)
-        r.add_route("*", "/v1/{tail:.*}", self.sleep_default)
+        r.add_route("*", "/v1/{tail:(?s:.*)}", self.sleep_default)  # any byte, even %0a
         return app
 
     async def echo(self, request: web.Request) -> web.Response:

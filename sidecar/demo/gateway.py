@@ -1,7 +1,10 @@
 """A demo AI gateway with OpenAI-like routes and realistic latency.
 
-Latencies are lognormal with a slow tail; a small share of requests fail. Streaming
-chat answers token by token over SSE, its first token after a "time to first token".
+Latencies are lognormal with a small slow tail (1% of requests 3-6x slower); 1% of
+requests fail. Streaming chat answers token by token over SSE, its first token after
+a "time to first token". Calm, every route's p95 stays under 100 ms and p99 under
+250 ms (the sidecar's default thresholds). With a `Schedule` (`latency-sidecar demo`
+uses one) chat slows down for a while every cycle, as when the GPUs are busy.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import random
 import time
 import uuid
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -22,13 +26,40 @@ def _lognormal_s(rng: random.Random, median_ms: float, sigma: float) -> float:
     return rng.lognormvariate(math.log(median_ms / 1000), sigma)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Chat (unary and time to first token) is `factor` times slower from `slow_from_s`
+    to `slow_to_s` of every `cycle_s` seconds, counted from the gateway's start."""
+
+    cycle_s: float = 60.0
+    slow_from_s: float = 5.0
+    slow_to_s: float = 15.0
+    factor: float = 5.0
+
+    def factor_at(self, elapsed_s: float) -> float:
+        in_cycle = elapsed_s % self.cycle_s
+        return self.factor if self.slow_from_s <= in_cycle < self.slow_to_s else 1.0
+
+
 class DemoGateway:
     def __init__(
-        self, seed: int | None = None, error_rate: float = 0.01, extra_delay_s: float = 0.0
+        self,
+        seed: int | None = None,
+        error_rate: float = 0.01,
+        schedule: Schedule | None = None,
+        extra_delay_s: float = 0.0,
     ) -> None:
         self.rng = random.Random(seed)
         self.error_rate = error_rate
+        self.schedule = schedule
+        self.started = time.monotonic()
         self.extra_delay_s = extra_delay_s  # a slower upstream, to try regression gates
+
+    def slowdown(self) -> float:
+        """How much slower chat is right now (1.0 without a schedule)."""
+        if self.schedule is None:
+            return 1.0
+        return self.schedule.factor_at(time.monotonic() - self.started)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -44,8 +75,8 @@ class DemoGateway:
 
     def _delay(self, median_ms: float, sigma: float) -> float:
         delay = _lognormal_s(self.rng, median_ms, sigma)
-        if self.rng.random() < 0.03:  # the slow tail: cold cache, long prompt, busy GPU
-            delay *= self.rng.uniform(3, 8)
+        if self.rng.random() < 0.01:  # the slow tail: cold cache, long prompt
+            delay *= self.rng.uniform(3, 6)
         return delay + self.extra_delay_s
 
     def _maybe_fail(self) -> web.Response | None:
@@ -64,7 +95,7 @@ class DemoGateway:
         model = body.get("model", MODELS[0])
         if body.get("stream"):
             return await self._chat_stream(request, model)
-        await asyncio.sleep(self._delay(60, 0.45))
+        await asyncio.sleep(self._delay(35, 0.3) * self.slowdown())
         if (failure := self._maybe_fail()) is not None:
             return failure
         return web.json_response(
@@ -85,7 +116,7 @@ class DemoGateway:
         )
 
     async def _chat_stream(self, request: web.Request, model: str) -> web.StreamResponse:
-        await asyncio.sleep(self._delay(120, 0.4))  # time to first token
+        await asyncio.sleep(self._delay(30, 0.3) * self.slowdown())  # time to first token
         if (failure := self._maybe_fail()) is not None:
             return failure
         resp = web.StreamResponse(
@@ -135,9 +166,13 @@ class DemoGateway:
 
 
 async def serve_gateway(
-    host: str, port: int, seed: int | None = None, extra_delay_s: float = 0.0
+    host: str,
+    port: int,
+    seed: int | None = None,
+    schedule: Schedule | None = None,
+    extra_delay_s: float = 0.0,
 ) -> web.AppRunner:
-    gateway = DemoGateway(seed, extra_delay_s=extra_delay_s)
+    gateway = DemoGateway(seed, schedule=schedule, extra_delay_s=extra_delay_s)
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -3,25 +3,44 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Iterable
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 
 from ..breach import BreachDetector
+from ..events import BREACH, RESOLVED, Event
 from ..percentiles import Snapshot
+from ..reader import format_event
 from ..record import UPSTREAM_ERRORS, TimingRecord
 from ..routes import ALL
 
 
 class ErrorCounter:
-    """Observer: 5xx and upstream failures per (route, stream), for the table."""
+    """Observer: 5xx and upstream failures per (route, stream) over the last
+    ``window_s`` seconds (one slot per second), like the table's other columns."""
 
-    def __init__(self) -> None:
-        self.errors: Counter[tuple[str, bool]] = Counter()
+    def __init__(self, window_s: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._slots: deque[tuple[int, Counter[tuple[str, bool]]]] = deque()
 
     def observe(self, record: TimingRecord) -> None:
         if record.status >= 500 or record.error in UPSTREAM_ERRORS:
-            self.errors[(record.route, record.stream)] += 1
-            self.errors[(ALL, record.stream)] += 1
+            now = int(self._clock())
+            if not self._slots or self._slots[-1][0] != now:
+                self._expire(now)
+                self._slots.append((now, Counter()))
+            slot = self._slots[-1][1]
+            slot[(record.route, record.stream)] += 1
+            slot[(ALL, record.stream)] += 1
+
+    def count(self, route: str, stream: bool) -> int:
+        self._expire(int(self._clock()))
+        return sum(slot[(route, stream)] for _, slot in self._slots)
+
+    def _expire(self, now: int) -> None:
+        while self._slots and self._slots[0][0] <= now - self.window_s:
+            self._slots.popleft()
 
 
 def breach_names(detector: BreachDetector) -> list[str]:
@@ -38,7 +57,11 @@ def _ms(seconds: float) -> str:
 
 
 def render(
-    snap: Snapshot, errors: ErrorCounter, elapsed_s: float, breaches: Iterable[str] = ()
+    snap: Snapshot,
+    errors: ErrorCounter,
+    elapsed_s: float,
+    breaches: Iterable[str] = (),
+    events: Iterable[Event] = (),
 ) -> str:
     window = snap.windows_s[0]
     span = max(1.0, min(float(window), elapsed_s))
@@ -57,9 +80,14 @@ def render(
         lines.append(
             f"{route[:28]:<28} {'stream' if stream else 'unary':<6} {s.count:>7} "
             f"{s.count / span:>6.1f} {_ms(s.value(0.5))} {_ms(s.value(0.95))} "
-            f"{_ms(s.value(0.99))} {errors.errors[(route, stream)]:>6}"
+            f"{_ms(s.value(0.99))} {errors.count(route, stream):>6}"
         )
     active = list(breaches)
     lines.append("")
-    lines.append("active breaches: " + (", ".join(active) if active else "none"))
+    lines.append(f"active breaches: {len(active)}" if active else "active breaches: none")
+    lines.extend("  " + name for name in active)
+    changes = [e for e in events if e.type in (BREACH, RESOLVED)]
+    if changes:
+        lines.append("latest breach events (as `latency-sidecar events` prints them):")
+        lines.extend("  " + format_event(e.event_id, e.fields()) for e in changes[-8:])
     return "\n".join(lines)

@@ -61,16 +61,26 @@ class AlertmanagerSink(QueuedSink):
         if self._session is not None:
             await self._session.close()
 
-    def _alerts(self, events: Sequence[Event]) -> list[dict[str, object]]:
+    def _alerts(self, events: Sequence[Event]) -> list[str]:
+        """Each event's alert as JSON; one that cannot be encoded is given up on."""
         ends = time.time() + 4 * self.resend_s
-        return [push_alert(e, ends_at=None if e.type == RESOLVED else ends) for e in events]
+        out = []
+        for e in events:
+            try:
+                out.append(json.dumps(push_alert(e, ends_at=None if e.type == RESOLVED else ends)))
+            except ValueError as exc:
+                self.firing.pop(e.rule_key, None)
+                self.give_up(e, str(exc))
+        return out
 
-    async def _post(self, alerts: list[dict[str, object]]) -> None:
+    async def _post(self, alerts: list[str]) -> None:
+        if not alerts:
+            return
         try:
             assert self._session is not None, "sink not entered"
             async with self._session.post(
                 self.url,
-                data=json.dumps(alerts),
+                data="[" + ",".join(alerts) + "]",  # a JSON array of encoded alerts
                 headers={"Content-Type": "application/json"},
                 timeout=TIMEOUT,
             ) as resp:

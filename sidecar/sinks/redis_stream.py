@@ -5,6 +5,10 @@ then take seconds per attempt), so retries are ours: no client retries, short so
 timeouts, and the queue's capped backoff. After an ambiguous failure (a timeout: the
 command may have been applied) the stream's tail is checked for the batch's event ids
 before resending, so a hung-then-resumed Redis does not get duplicates.
+
+Each event is encoded to bytes before it joins the pipeline: one that cannot be
+encoded (a lone surrogate from a non-UTF-8 header byte) is given up on, and the rest
+of the batch is written.
 """
 
 from __future__ import annotations
@@ -50,9 +54,16 @@ class RedisStreamSink(QueuedSink):
                     return already
             pipe = self.client.pipeline(transaction=False)
             for event in batch:
-                fields: dict[Any, Any] = event.fields()
+                try:
+                    fields: dict[Any, Any] = {
+                        k.encode(): v.encode() for k, v in event.fields().items()
+                    }
+                except UnicodeEncodeError as exc:
+                    self.give_up(event, str(exc))
+                    continue
                 pipe.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
-            await pipe.execute()
+            if len(pipe):
+                await pipe.execute()
             return len(batch)
         except TimeoutError as exc:
             self._ambiguous = True

@@ -59,7 +59,11 @@ class WebhookSink(QueuedSink):
 
     async def deliver(self, batch: Sequence[Event]) -> int:
         event = batch[0]
-        body = self.body(event)
+        try:
+            body = self.body(event)
+        except ValueError as exc:  # cannot be encoded: resending will not help
+            self.give_up(event, str(exc))
+            return 1
         headers = {"Content-Type": "application/json", "User-Agent": "latency-sidecar"}
         if self._secret:
             ts = int(time.time())
@@ -78,6 +82,6 @@ class WebhookSink(QueuedSink):
         if status >= 500 or status in _RETRY_4XX:
             raise RetryLater(f"HTTP {status}")
         if status >= 400:  # the receiver refuses this event: resending will not help
-            self.count_dropped()
-            self._warn(f"{self.label}: HTTP {status}; event {event.event_id} dropped")
+            self.give_up(event, f"HTTP {status}")
+            return 1
         return 1

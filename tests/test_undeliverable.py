@@ -1,0 +1,118 @@
+"""One event a sink cannot encode never blocks it; a dead sink does not hold up
+shutdown (issue 10, SPEC "Hostile input"). Real redis-server, real sidecar processes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+
+import aiohttp
+import pytest
+
+from .process import spawn_sidecar
+from .rawhttp import raw_request
+from .test_events import stream_entries, synthetic, wait_until
+
+
+async def _sidecar(upstream_url, redis_url):
+    """Every request slower than 20 ms raises an event; 20 s of grace on SIGTERM."""
+    return await spawn_sidecar(
+        upstream_url, SIDECAR_REDIS_URL=redis_url, SIDECAR_SLOW_REQUEST_MS="20",
+        SIDECAR_SHUTDOWN_GRACE_S="20",
+    )  # fmt: skip
+
+
+async def _request_ids(url):
+    return [f.get("request_id") for _, f in await stream_entries(url)]
+
+
+@pytest.mark.tools
+async def test_non_utf8_request_id_does_not_stop_event_delivery(upstream, redis_server):
+    """`X-Request-Id: bad\\xff\\xfe` on a slow request used to yield an event redis-py
+    could not encode; the sink retried it forever and every later event waited."""
+    _, url = upstream
+    sc = await _sidecar(url, redis_server.url)
+    answer = await raw_request(
+        sc.port,
+        b"GET /sleep/60 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: bad\xff\xfe\xe2\x80\xae\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{sc.base}/sleep/60", headers={"X-Request-Id": "after"}) as r,
+    ):
+        assert r.status == 200
+
+    async def after_arrived():
+        return "after" in await _request_ids(redis_server.url)
+
+    await wait_until(after_arrived, timeout=10)
+    ids = await _request_ids(redis_server.url)
+    # sanitised where it entered the event: the raw bytes shown, nothing to the terminal
+    assert ids == ["bad\\xff\\xfe\\u202e", "after"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    sc.terminate()
+    assert await sc.wait(15) == 0
+    assert loop.time() - t0 < 5
+    assert b"Traceback" not in sc.stderr
+
+
+async def test_unencodable_event_is_dropped_and_the_batch_goes_on(
+    upstream, make_sidecar, redis_server, caplog
+):
+    """Whatever reaches a sink: an event it cannot encode is dropped and counted, the
+    rest of its batch (one Redis pipeline) is delivered, in order."""
+    _, url = upstream
+    redis_server.kill()  # let the queue fill so all events go in one batch
+    sc = await make_sidecar(url, redis_url=redis_server.url)
+    events = [synthetic(i) for i in range(5)]
+    events[2] = bad = dataclasses.replace(events[2], request_id="raw\udcffbyte")
+    for event in events:
+        sc.bus.publish(event)
+    redis_server.start()
+
+    async def idle():
+        return sc.redis_sink is not None and len(sc.redis_sink) == 0
+
+    await wait_until(idle, timeout=30)
+    assert await _request_ids(redis_server.url) == ["seq-0", "seq-1", "seq-3", "seq-4"]
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{sc.admin_port}/metrics") as r,
+    ):
+        text = await r.text()
+    assert 'sidecar_event_deliveries_total{result="dropped",sink="redis"} 1.0' in text
+    assert 'sidecar_event_deliveries_total{result="ok",sink="redis"} 4.0' in text
+    (line,) = [r.getMessage() for r in caplog.records if "undeliverable" in r.getMessage()]
+    assert bad.event_id in line and line.isprintable()
+    sc.bus.publish(synthetic(9))  # and the sink still works
+    await wait_until(idle, timeout=10)
+    assert (await _request_ids(redis_server.url))[-1] == "seq-9"
+
+
+@pytest.mark.tools
+@pytest.mark.slow
+async def test_sigterm_with_redis_dead_exits_early_counting_what_is_lost(upstream, redis_server):
+    """Redis dead: SIGTERM used to wait the whole grace period (20 s) for a sink that
+    could not come back. Now the flush stops once the sink has failed for 5 s and
+    logs how many events it drops."""
+    _, url = upstream
+    sc = await _sidecar(url, redis_server.url)
+    redis_server.kill()
+    async with aiohttp.ClientSession() as client:
+        for i in range(3):
+            async with client.get(f"{sc.base}/sleep/40", headers={"X-Request-Id": f"l{i}"}):
+                pass
+    await sc.wait_for_metric('sidecar_event_queue_depth{sink="redis"} 3.0')  # queued
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    sc.terminate()
+    assert await sc.wait(18) == 0
+    took = loop.time() - t0
+    assert took < 10, f"exit took {took:.1f}s with a 20 s grace period"
+    log = sc.stderr.decode()
+    assert re.search(r"redis: 3 events dropped at exit \(sink failing for \d+\.\ds\)", log), log
+    assert "Traceback" not in log
