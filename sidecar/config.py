@@ -145,6 +145,8 @@ class Settings(BaseSettings):
         for r in routes:
             if not r.startswith("/"):
                 raise ValueError(f"route template {r!r} must start with '/'")
+            if len(r) > 128 or not r.isprintable():
+                raise ValueError(f"route template {r!r}: at most 128 printable characters")
         return routes
 
     @field_validator("listen", "admin_listen", "profiling_listen", mode="before")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,15 +66,26 @@ def sidecar_env(upstream: str, **env: str) -> dict[str, str]:
     return full
 
 
-def started_ports(line: bytes) -> tuple[int, int] | None:
-    """(proxy, admin) ports from the JSON `sidecar started` log line, else None."""
+def started_fields(line: bytes) -> dict[str, str] | None:
+    """The fields of the `sidecar started` log line (JSON or text format), else None."""
     try:
         doc = json.loads(line)
     except ValueError:
-        return None
+        text = line.decode(errors="replace")
+        if "sidecar started " not in text:
+            return None
+        return dict(re.findall(r"(\w+)=(\S+)", text.split("sidecar started ", 1)[1]))
     if not isinstance(doc, dict) or doc.get("msg") != "sidecar started":
         return None
-    return int(doc["listen"].rsplit(":", 1)[1]), int(doc["admin"].rsplit(":", 1)[1])
+    return {k: str(v) for k, v in doc.items()}
+
+
+def started_ports(line: bytes) -> tuple[int, int] | None:
+    """(proxy, admin) ports from the `sidecar started` log line, else None."""
+    fields = started_fields(line)
+    if fields is None:
+        return None
+    return int(fields["listen"].rsplit(":", 1)[1]), int(fields["admin"].rsplit(":", 1)[1])
 
 
 async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
@@ -99,7 +111,7 @@ async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
             ports = started_ports(line)
             if ports is not None:
                 break
-    sp = SidecarProcess(proc, ports[0], ports[1], stderr, json.loads(line))
+    sp = SidecarProcess(proc, ports[0], ports[1], stderr, started_fields(line) or {})
 
     async def pump() -> None:
         assert proc.stderr is not None

@@ -75,7 +75,7 @@ async def test_unencodable_event_is_dropped_and_the_batch_goes_on(
     redis_server.start()
 
     async def idle():
-        return sc.redis_sink is not None and len(sc.redis_sink) == 0
+        return all(len(sink) == 0 for sink in sc.bus.sinks if sink.name == "redis")
 
     await wait_until(idle, timeout=30)
     assert await _request_ids(redis_server.url) == ["seq-0", "seq-1", "seq-3", "seq-4"]
