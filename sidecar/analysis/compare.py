@@ -4,7 +4,7 @@ functions whose share grew or shrank, gateway CPU per request.
 Noise band (method): each run's quantile gets a distribution-free 99% confidence
 interval from its own client samples (order statistics, see quantiles.py). The band of
 a delta is the sum of the two half-widths — a delta beyond it means the two intervals
-do not overlap — and never less than 2 ms or 5% of the before value (what a shared
+do not overlap — and never less than 5 ms or 25% of the before value (what a shared
 machine moves between identical runs). A quantile without an interval in either run
 (too few samples for it: a p99 needs about 460) gets no verdict. Any quantile that
 regressed beyond its band fails the run (a short run often can bound only its p50).
@@ -25,8 +25,8 @@ from .quantiles import estimate
 from .summary import QUANTILES, by_entry
 
 CONFIDENCE = 0.99
-FLOOR_MS = 2.0
-FLOOR_REL = 0.05
+FLOOR_MS = 5.0
+FLOOR_REL = 0.25
 
 
 class NotARun(ValueError):
