@@ -25,7 +25,8 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARD = K8S / "dashboards" / "latency-sidecar.json"
 BIN = Path(sys.executable).parent
-K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+# 1.30: the gateway's preStop `sleep` action (PodLifecycleSleepAction) is on by default
+K8S_VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 
 
 def tool(name: str) -> str:
