@@ -16,7 +16,7 @@ from sidecar.server import Sidecar
 
 from .upstream import Upstream
 
-pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture"]
+pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture", "tests.docker_env"]
 
 
 def free_port() -> int:
