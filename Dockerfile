@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Build stage: wheels for the package and every dependency (binary wheels; no compiler
 # reaches the final image).
 FROM python:3.11.11-slim-bookworm AS build

@@ -18,6 +18,12 @@ TOOLS=(
   "prlimit util-linux"
   "valgrind valgrind"
   "chromium chromium"
+  # the image and compose-stack tests (tests/test_container.py, tests/docker_env.py):
+  # an engine (started by the tests when none answers), Debian stand-ins for images no
+  # registry gives here (deploy/testing/local-images.sh), compose v1 as Debian ships it
+  "dockerd docker.io"
+  "debootstrap debootstrap"
+  "docker-compose docker-compose"
 )
 
 missing=()

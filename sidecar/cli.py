@@ -120,7 +120,11 @@ def cmd_demo_receiver(args: argparse.Namespace) -> int:
     secret = os.environ.get("SIDECAR_WEBHOOK_SECRET", "")
     try:
         web.run_app(
-            receiver_app(secret), host=where.host, port=where.port, print=None, access_log=None
+            receiver_app(secret, args.unsigned_path),
+            host=where.host,
+            port=where.port,
+            print=None,
+            access_log=None,
         )
     finally:
         flush_logging()
@@ -214,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         "SIDECAR_WEBHOOK_SECRET is set)",
     )
     rx.add_argument("--listen", default="0.0.0.0:9000", metavar="HOST:PORT")
+    rx.add_argument(
+        "--unsigned-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="accept POSTs to PATH without a signature (Alertmanager does not sign); repeatable",
+    )
     rx.set_defaults(func=cmd_demo_receiver)
 
     tr = sub.add_parser("demo-traffic", help="send demo traffic to a URL (for compose)")

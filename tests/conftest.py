@@ -17,7 +17,7 @@ from sidecar.ticker import ManualTicker
 
 from .upstream import Upstream
 
-pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture"]
+pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture", "tests.docker_env"]
 
 # fixtures that start an external binary: a test using one is marked `tools`
 _TOOL_FIXTURES = frozenset({"redis_server", "alertmanager"})

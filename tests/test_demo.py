@@ -72,3 +72,33 @@ def test_error_column_counts_the_window_only():
     assert errors.count("/a", False) == 1
     now[0] += 5
     assert errors.count("/a", False) == 0 and errors.count("*", False) == 0
+
+
+async def test_demo_receiver_verifies_signatures_except_on_unsigned_paths():
+    import time
+
+    import aiohttp
+
+    from sidecar.demo.receiver import receiver_app
+    from sidecar.sinks.webhook import sign
+
+    from .conftest import serve_app
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    app = receiver_app(secret, ["/hooks/alertmanager"])
+    body = b'{"type": "breach"}'
+    ts = int(time.time())
+    signed = {"webhook-id": "m1", "webhook-timestamp": str(ts),
+              "webhook-signature": sign(secret, "m1", ts, body)}  # fmt: skip
+    async with serve_app(app) as url, aiohttp.ClientSession() as client:
+
+        async def post(path: str, data: bytes, headers: dict[str, str]) -> int:
+            async with client.post(url + path, data=data, headers=headers) as r:
+                return r.status
+
+        assert await post("/hooks/latency", body, signed) == 204
+        assert await post("/hooks/latency", body, {}) == 401  # unsigned
+        assert await post("/hooks/latency", b'{"type": "x"}', signed) == 401  # forged
+        # Alertmanager's path: no signature needed, and only that path
+        assert await post("/hooks/alertmanager", b'{"alerts": []}', {}) == 204
+        assert await post("/hooks/alertmanager/x", b'{"alerts": []}', {}) == 401

@@ -26,7 +26,8 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARD = K8S / "dashboards" / "latency-sidecar.json"
 BIN = Path(sys.executable).parent
-K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+# 1.30: the gateway's preStop `sleep` action (PodLifecycleSleepAction) is on by default
+K8S_VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 
 
 def tool(name: str) -> str:
@@ -174,6 +175,15 @@ def test_compose_file_is_valid_and_cross_references_hold():
                 "SIDECAR_WEBHOOK_URLS"):  # fmt: skip
         assert host_of(env[key]) in services, key
     assert services["sidecar"]["pid"] == "service:gateway"
+    # the gateway's entrypoint is PID 1 of the shared namespace (a name would also match
+    # the sidecar's own program); tests/test_container.py checks it live
+    assert env["SIDECAR_TARGET_PID"] == "1" and "SIDECAR_TARGET_NAME" not in env
+    # services built from the image that are not the sidecar must not inherit its
+    # HEALTHCHECK (port 9901): traffic has none, the receiver checks its own port
+    assert services["traffic"]["healthcheck"] == {"disable": True}
+    rx_port = services["receiver"]["command"][services["receiver"]["command"].index("--listen") + 1]
+    check = " ".join(services["receiver"]["healthcheck"]["test"])
+    assert f"('127.0.0.1', {rx_port.rsplit(':', 1)[1]})" in check
     assert host_of(services["traffic"]["command"][2]) == "sidecar"
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = [
