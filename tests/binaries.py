@@ -4,10 +4,16 @@ it meanwhile (the server exits at once), try again on another."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from .conftest import free_port
 
@@ -32,3 +38,37 @@ def start_with_retry(
         proc.kill()
         proc.wait()
     raise RuntimeError(f"{argv_for(0)[0]} did not start in {attempts} attempts")
+
+
+@contextlib.asynccontextmanager
+async def prometheus(targets: list[str], *flags: str, job: str = "sidecar") -> AsyncIterator[str]:
+    """A real Prometheus (Debian's package) scraping ``targets`` every second; yields its
+    URL once it is ready. ``flags``: e.g. ``--enable-feature=native-histograms``."""
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus missing: scripts/install-test-tools.sh installs it"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "prometheus.yml"
+        cfg.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [{"job_name": job, "static_configs": [{"targets": targets}]}],
+                }
+            )
+        )
+        proc, port = await asyncio.to_thread(
+            start_with_retry,
+            lambda port: [
+                exe,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={tmp}/data",
+                f"--web.listen-address=127.0.0.1:{port}",
+                *flags,
+            ],
+            "/-/ready",
+        )
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)

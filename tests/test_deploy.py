@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -19,7 +18,7 @@ import aiohttp
 import pytest
 import yaml
 
-from .conftest import free_port
+from .binaries import prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -238,7 +237,7 @@ def dashboard_variables() -> list[tuple[str, str]]:
 
 
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
-    upstream, make_sidecar, redis_server
+    upstream, make_sidecar, redis_server, closed_port
 ):
     """Every panel and variable against two real Prometheus servers scraping the same
     sidecars: one with native histograms on (protobuf scrapes), one classic (text)."""
@@ -247,93 +246,73 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         url, redis_url=redis_server.url, target_pid=os.getpid(), eval_interval_s=1,
         p95_threshold_ms=20, p99_threshold_ms=30, min_samples=5, windows_s="5,60",
     )  # fmt: skip
-    dead = await make_sidecar(f"http://127.0.0.1:{free_port()}")
-    exe = shutil.which("prometheus")
-    assert exe, "prometheus missing: .ci/run installs the Debian prometheus package"
-    servers = {"classic": [], "native": ["--enable-feature=native-histograms"]}
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "prometheus.yml"
-        cfg.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "latency-sidecar", "static_configs": [{"targets": [
-                f"127.0.0.1:{sc.admin_port}", f"127.0.0.1:{dead.admin_port}"]}]}],
-        }))  # fmt: skip
-        proms = {}
-        for kind, flags in servers.items():
-            port = free_port()
-            procs.append(subprocess.Popen(
-                [exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/{kind}",
-                 f"--web.listen-address=127.0.0.1:{port}", *flags],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
-            proms[kind] = f"http://127.0.0.1:{port}"
-        try:
-            async with aiohttp.ClientSession() as client:
-                base = f"http://127.0.0.1:{sc.proxy_port}"
-                stop = asyncio.Event()
+    dead = await make_sidecar(f"http://127.0.0.1:{closed_port}")
+    targets = [f"127.0.0.1:{sc.admin_port}", f"127.0.0.1:{dead.admin_port}"]
+    async with (
+        prometheus(targets, job="latency-sidecar") as classic,
+        prometheus(targets, "--enable-feature=native-histograms", job="latency-sidecar") as native,
+    ):
+        proms = {"classic": classic, "native": native}
+        async with aiohttp.ClientSession() as client:
+            base = f"http://127.0.0.1:{sc.proxy_port}"
+            stop = asyncio.Event()
 
-                async def drive():
-                    paths = ["/sleep/30", "/echo/1", "/status/500", "/slow-stream/20"]
-                    i = 0
-                    while not stop.is_set():
-                        async with client.get(base + paths[i % len(paths)]) as r:
-                            await r.read()
-                        async with client.get(f"http://127.0.0.1:{dead.proxy_port}/x") as r:
-                            await r.read()
-                        i += 1
+            async def drive():
+                paths = ["/sleep/30", "/echo/1", "/status/500", "/slow-stream/20"]
+                i = 0
+                while not stop.is_set():
+                    async with client.get(base + paths[i % len(paths)]) as r:
+                        await r.read()
+                    async with client.get(f"http://127.0.0.1:{dead.proxy_port}/x") as r:
+                        await r.read()
+                    i += 1
 
-                drivers = [asyncio.create_task(drive()) for _ in range(4)]
-                try:
-                    async with asyncio.timeout(60):  # both servers up and scraping both
-                        for prom in proms.values():
-                            while True:
-                                try:
-                                    doc = await prom_query(client, prom, "count(up == 1)")
-                                    if (
-                                        doc["data"]["result"]
-                                        and doc["data"]["result"][0]["value"][1] == "2"
-                                    ):
-                                        break
-                                except aiohttp.ClientError:
-                                    pass
-                                await asyncio.sleep(0.2)
-                    t0 = time.monotonic()
-                    results: dict[tuple[str, str], Any] = {}
-                    # rate() over 15 s needs a few scrapes of live traffic: poll until every
-                    # panel has data, for at most 40 s, then judge what we have
-                    while True:
-                        for kind, prom in proms.items():
-                            for name, expr in panel_queries():
-                                if results.get((kind, name), (None, []))[1]:
-                                    continue
-                                doc = await prom_query(client, prom, substitute(expr))
-                                assert doc["status"] == "success", (kind, name, doc)
-                                results[(kind, name)] = (doc["status"], doc["data"]["result"])
-                        empty = [n for n, (_, res) in results.items() if not res]
-                        if not empty or time.monotonic() - t0 > 40:
-                            break
-                        await asyncio.sleep(1)
-                finally:
-                    stop.set()
-                    await asyncio.gather(*drivers, return_exceptions=True)
-                assert not empty, f"panels without data: {empty}"
-                # the native server really holds native histograms (no classic buckets),
-                # so its panels above were answered by the native half of each query
-                native = await prom_query(
-                    client, proms["native"], "count(sidecar_request_duration_seconds_bucket)"
-                )
-                assert native["data"]["result"] == []
-                # the template variables resolve too
-                variables = [("sidecar_requests_in_flight", "instance"), *dashboard_variables()]
-                for prom in proms.values():
-                    for match, label in variables:
-                        async with client.get(
-                            f"{prom}/api/v1/label/{label}/values", params={"match[]": match}
-                        ) as r:
-                            assert (await r.json())["data"], (prom, label)
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(10)
+            drivers = [asyncio.create_task(drive()) for _ in range(4)]
+            try:
+                async with asyncio.timeout(60):  # both servers up and scraping both
+                    for prom in proms.values():
+                        while True:
+                            try:
+                                doc = await prom_query(client, prom, "count(up == 1)")
+                                if (
+                                    doc["data"]["result"]
+                                    and doc["data"]["result"][0]["value"][1] == "2"
+                                ):
+                                    break
+                            except aiohttp.ClientError:
+                                pass
+                            await asyncio.sleep(0.2)
+                t0 = time.monotonic()
+                results: dict[tuple[str, str], Any] = {}
+                # rate() over 15 s needs a few scrapes of live traffic: poll until every
+                # panel has data, for at most 40 s, then judge what we have
+                while True:
+                    for kind, prom in proms.items():
+                        for name, expr in panel_queries():
+                            if results.get((kind, name), (None, []))[1]:
+                                continue
+                            doc = await prom_query(client, prom, substitute(expr))
+                            assert doc["status"] == "success", (kind, name, doc)
+                            results[(kind, name)] = (doc["status"], doc["data"]["result"])
+                    empty = [n for n, (_, res) in results.items() if not res]
+                    if not empty or time.monotonic() - t0 > 40:
+                        break
+                    await asyncio.sleep(1)
+            finally:
+                stop.set()
+                await asyncio.gather(*drivers, return_exceptions=True)
+            assert not empty, f"panels without data: {empty}"
+            # the native server really holds native histograms (no classic buckets),
+            # so its panels above were answered by the native half of each query
+            native = await prom_query(
+                client, proms["native"], "count(sidecar_request_duration_seconds_bucket)"
+            )
+            assert native["data"]["result"] == []
+            # the template variables resolve too
+            variables = [("sidecar_requests_in_flight", "instance"), *dashboard_variables()]
+            for prom in proms.values():
+                for match, label in variables:
+                    async with client.get(
+                        f"{prom}/api/v1/label/{label}/values", params={"match[]": match}
+                    ) as r:
+                        assert (await r.json())["data"], (prom, label)

@@ -7,12 +7,7 @@ import json
 import math
 import random
 import re
-import shutil
-import subprocess
-import tempfile
 from collections import Counter
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,7 +29,8 @@ from sidecar.histogram import (
     upper_bound,
 )
 
-from .conftest import Records, free_port, serve_app
+from .binaries import prometheus
+from .conftest import Records, serve_app
 from .test_deploy import DASHBOARD, DEPLOY
 from .test_observability import TRACEPARENT, admin_get
 from .upstream import Upstream
@@ -329,29 +325,6 @@ async def test_protobuf_encodes_summaries_counters_and_created_from_any_collecto
 
 
 # --- a real Prometheus (2.42, native histograms on) scraping two skewed pods --------------
-
-
-@asynccontextmanager
-async def prometheus(targets: list[str], *flags: str):
-    exe = shutil.which("prometheus")
-    assert exe, "prometheus missing: scripts/install-test-tools.sh installs it"
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "prometheus.yml"
-        cfg.write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "sidecar", "static_configs": [{"targets": targets}]}],
-        }))  # fmt: skip
-        proc = subprocess.Popen(
-            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{port}", *flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 async def query(client, prom: str, expr: str) -> Any:
