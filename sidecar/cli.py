@@ -86,6 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_demo_gateway(args: argparse.Namespace) -> int:
     from .config import parse_host_port
     from .demo.gateway import serve_gateway
+    from .demo.run import SCHEDULE
 
     where = parse_host_port(args.listen)
     setup_logging("info", "json")
@@ -94,7 +95,11 @@ def cmd_demo_gateway(args: argparse.Namespace) -> int:
         async with StopSignals() as stop:
             try:
                 runner = await serve_gateway(
-                    where.host, where.port, seed=args.seed, extra_delay_s=args.add_delay_ms / 1000
+                    where.host,
+                    where.port,
+                    seed=args.seed,
+                    schedule=SCHEDULE if args.slowdowns else None,
+                    extra_delay_s=args.add_delay_ms / 1000,
                 )
             except OSError as exc:
                 raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
@@ -208,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("demo-gateway", help="run only the demo AI gateway (for compose)")
     gw.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
     gw.add_argument("--seed", type=int, default=None)
+    gw.add_argument(
+        "--slowdowns",
+        action="store_true",
+        help="chat slows down x5 from 5 s to 15 s of every minute, as in `demo` (breaches to see)",
+    )
     # a slower upstream for trying regression gates (analyze --compare); not for users
     gw.add_argument("--add-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     gw.set_defaults(func=cmd_demo_gateway)
