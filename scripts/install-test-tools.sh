@@ -17,6 +17,7 @@ TOOLS=(
   "taskset util-linux"
   "prlimit util-linux"
   "valgrind valgrind"
+  "faketime faketime"
 )
 
 missing=()

@@ -1,4 +1,4 @@
-"""The `latency-sidecar` command: run, demo, check-config, events."""
+"""The `latency-sidecar` command: run, demo, check-config, events, fleet."""
 
 from __future__ import annotations
 
@@ -168,6 +168,26 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    import os
+
+    from .fleet.table import show_fleet
+
+    # only the Redis and fleet settings matter here: no upstream is needed
+    settings = load_settings(
+        upstream_url=os.environ.get("SIDECAR_UPSTREAM_URL") or "http://127.0.0.1:1",
+        redis_url=args.redis_url,
+        fleet=args.fleet,
+    )
+    if not settings.fleet:
+        raise ConfigError("SIDECAR_FLEET: is required to show a fleet (or --fleet NAME)")
+    try:
+        return run_async(show_fleet(settings, watch=args.watch))
+    except OSError as exc:
+        print(f"latency-sidecar: cannot read the fleet from Redis: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latency-sidecar",
@@ -220,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
     ev.add_argument("--redis-url", help="overrides SIDECAR_REDIS_URL")
     ev.set_defaults(func=cmd_events)
+
+    fl = sub.add_parser("fleet", help="the fleet's percentiles (every sidecar of SIDECAR_FLEET)")
+    fl.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    fl.add_argument("--fleet", metavar="NAME", help="overrides SIDECAR_FLEET")
+    fl.add_argument("--redis-url", metavar="URL", help="overrides SIDECAR_REDIS_URL")
+    fl.set_defaults(func=cmd_fleet)
 
     check = sub.add_parser("check-config", help="validate the environment, print settings")
     overrides(check)
