@@ -18,6 +18,7 @@ TOOLS=(
   "prlimit util-linux"
   "valgrind valgrind"
   "faketime faketime"
+  "openssl openssl"
 )
 
 missing=()

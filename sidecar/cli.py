@@ -69,6 +69,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
     setup_logging("warning", "text")
+    if args.replicas > 1:  # a fleet of sidecars sharing through Redis
+        from .demo.fleet import run_fleet_demo
+
+        try:
+            return run_async(
+                run_fleet_demo(
+                    replicas=args.replicas,
+                    duration=args.duration,
+                    rps=args.rps,
+                    refresh_s=args.refresh,
+                )
+            )
+        finally:
+            flush_logging()
     try:
         return run_async(
             run_demo(
@@ -213,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--refresh", type=float, default=2.0, help=argparse.SUPPRESS)
     demo.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT")
     demo.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    demo.add_argument(
+        "--replicas", type=int, default=1, metavar="N",
+        help="N sidecars sharing a fleet view through Redis (SIDECAR_REDIS_URL, or a "
+        "redis-server from PATH); ports are then chosen freely",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     gw = sub.add_parser("demo-gateway", help="run only the demo AI gateway (for compose)")

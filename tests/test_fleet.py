@@ -380,7 +380,7 @@ async def test_redis_down_keeps_the_last_view_and_traffic_flat(upstream, redis_s
             assert count(stale, window="30") == count(before, window="30")
             assert answer_s < 2.5
             t0 = time.monotonic()
-            doc = await until(fresh, timeout=10)
+            await until(fresh, timeout=10)
             print(f"fresh again {time.monotonic() - t0:.1f} s after {resume.__name__}")
             if pause == redis_server.pause:
                 # nothing was lost: the seconds shared late arrive, each exactly once
@@ -484,3 +484,110 @@ def test_fleet_settings_are_validated(env, message):
     out = subprocess.run([sys.executable, "-m", "sidecar", "check-config"], env=full,
                          capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_one_fleets_keys_share_one_cluster_slot():
+    """On Redis Cluster every script runs on one node: all keys a fleet's scripts touch
+    carry the fleet's hash tag."""
+    from redis.crc import key_slot
+
+    from sidecar.fleet.store import Batch, RedisFleetStore
+    from sidecar.window import SubWindow
+
+    store = RedisFleetStore("redis://127.0.0.1:1", "web", "pod-0", "pod-0/1", [60, 300])
+    sub = SubWindow()
+    sub.add(100, 0.05)
+    batch = Batch(1, time.time(), {("/v1/chat", False): sub, ("*", True): sub})
+    _, keys, _ = store._share_call(batch, time.time())
+    keys += [store.key("lease"), store.key("lease", "seq"), store.key("breaches"),
+             store.key("outbox"), store.key("meta"), store.late_key(60)]  # fmt: skip
+    assert len(keys) > 10
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(b"{web}")}
+    other = RedisFleetStore("redis://127.0.0.1:1", "api", "pod-0", "pod-0/1", [60])
+    assert not set(keys) & {other.key("lease"), other.key("instances")}
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+async def test_fleet_over_authenticated_tls_redis(upstream, tmp_path):
+    """``rediss://`` with a password and a CA file in the URL, as in production."""
+    from .conftest import free_port
+
+    _, url = upstream
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients",
+         "no", "--requirepass", "fleet-secret", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    redis_url = f"rediss://:fleet-secret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    try:
+        probe = aioredis.Redis.from_url(redis_url)
+        await until(lambda: _pings(probe), timeout=10)
+        await probe.aclose()
+        async with fleet_of(2, url, redis_url) as pods, aiohttp.ClientSession() as client:
+            await asyncio.gather(*(burst(client, p.base, [1] * 10) for p in pods))
+            doc = await until(lambda: _doc_with(client, pods[1], 20), timeout=10)
+            assert doc["instances"] == ["pod-0", "pod-1"]
+            # the password never reaches the logs
+            assert b"fleet-secret" not in pods[0].stderr + pods[1].stderr
+        wrong = redis_url.replace("fleet-secret", "wrong")
+        async with fleet_of(1, url, wrong) as (pod,), aiohttp.ClientSession() as client:
+            doc = await fleet_doc(client, pod)  # answers, with nothing read
+            assert doc["stale_s"] is None and doc["instances"] == []
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def _pings(client) -> bool:
+    try:
+        return bool(await client.ping())
+    except (OSError, aioredis.RedisError):
+        return False
+
+
+async def _doc_with(client, pod, n):
+    doc = await fleet_doc(client, pod)
+    return doc if count(doc) == n else None
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+def test_demo_with_three_replicas_shows_the_fleet(tmp_path):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["TMPDIR"] = str(private_tmp)
+    cmd = [sys.executable, "-m", "sidecar", "demo", "--replicas", "3", "--duration", "7",
+           "--refresh", "1", "--rps", "90"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stdout.rsplit("each pod alone", 1)[1]
+    assert {line.split()[0] for line in last.splitlines() if line.startswith("demo-pod-")} == {
+        "demo-pod-0", "demo-pod-1", "demo-pod-2"
+    }  # fmt: skip
+    assert "3 instances (demo-pod-0, demo-pod-1, demo-pod-2)" in last
+    fleet_rows = last.split("pods\n", 1)[1]
+    star = next(line for line in fleet_rows.splitlines() if line.startswith("*"))
+    assert star.split()[-1] == "3"  # all three pods in the fleet's `*` row
+    assert "demo finished" in out.stdout
+    # the private redis-server is gone with its directory
+    assert list(private_tmp.iterdir()) == []
+    # no Redis anywhere: one line saying what to install
+    bare = dict(env, PATH=str(private_tmp))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=bare)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "the fleet demo needs Redis: set SIDECAR_REDIS_URL, or install redis-server "
+        "(apt-get install redis-server)"
+    ]

@@ -490,21 +490,22 @@ def _payload(sub: SubWindow) -> str:
 
 
 def _parse(text: str) -> SubWindow:
-    """A slot hash as written by `_SHARE`; anything malformed is skipped."""
+    """A slot hash as written by `_SHARE` ("bucket count ... m max"); a malformed one
+    (not written by a sidecar) is skipped whole."""
     sub = SubWindow()
     parts = text.split()
-    counts = sub.counts
-    for field, value in zip(parts[::2], parts[1::2], strict=False):
-        try:
-            if field == "m":
-                v = float(value)
-                if math.isfinite(v):
-                    sub.max = v
-                continue
-            bucket, n = int(field), int(value)
-        except ValueError:
-            continue
-        if 0 <= bucket < NBUCKETS and n > 0:
-            counts[bucket] = counts.get(bucket, 0) + n
-            sub.count += n
+    fields, values = parts[::2], parts[1::2]
+    try:
+        if "m" in fields:
+            i = fields.index("m")
+            vmax = float(values[i])
+            del fields[i], values[i]
+            sub.max = vmax if math.isfinite(vmax) else 0.0
+        counts = dict(zip(map(int, fields), map(int, values), strict=True))
+    except ValueError:
+        return SubWindow()
+    if counts and (min(counts) < 0 or max(counts) >= NBUCKETS or min(counts.values()) < 0):
+        return SubWindow()
+    sub.counts = counts
+    sub.count = sum(counts.values())
     return sub

@@ -42,7 +42,7 @@ def render(view: FleetView) -> str:
     )
     lines = [
         f"fleet {view.fleet}: {len(view.instances)} instances ({names})",
-        f"last {window}s window, settled {stale or 0:.1f}s ago "
+        f"last {window}s window, read {stale or 0:.1f}s ago "
         "(latency: unary = total, stream = time to first byte)",
         head,
         "-" * len(head),
