@@ -64,12 +64,9 @@ def started_ports(line: bytes) -> tuple[int, int] | None:
     return int(doc["listen"].rsplit(":", 1)[1]), int(doc["admin"].rsplit(":", 1)[1])
 
 
-async def spawn_sidecar(upstream: str, *, prefix: tuple[str, ...] = (), **env: str
-                        ) -> SidecarProcess:  # fmt: skip
-    """Start `python -m sidecar run` (behind ``prefix``, e.g. a `faketime` command);
-    return once it has logged its bound ports."""
+async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
+    """Start `python -m sidecar run`; return once it has logged its bound ports."""
     proc = await asyncio.create_subprocess_exec(
-        *prefix,
         sys.executable,
         "-m",
         "sidecar",

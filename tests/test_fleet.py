@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.sketch import rank_of
+from sidecar.sketch import bucket_of, rank_of
 
 from .process import SidecarProcess, spawn_sidecar
 
@@ -33,7 +33,7 @@ def exact(values: Sequence[float], q: float) -> float:
 @contextlib.asynccontextmanager
 async def fleet_of(
     n: int, upstream: str, redis_url: str, env: Mapping[str, str] | None = None,
-    prefixes: Mapping[int, tuple[str, ...]] | None = None,
+    pod_env: Mapping[int, Mapping[str, str]] | None = None,
 ) -> AsyncIterator[list[SidecarProcess]]:  # fmt: skip
     """``n`` sidecar processes named pod-0..pod-N-1 in fleet ``t`` (windows of 5 s unless
     told), stopped at the end (SIGTERM, then SIGKILL)."""
@@ -42,8 +42,8 @@ async def fleet_of(
         "SIDECAR_EVAL_INTERVAL_S": "1", "SIDECAR_SHUTDOWN_GRACE_S": "0.5", **(env or {}),
     }  # fmt: skip
     pods = await asyncio.gather(*(
-        spawn_sidecar(upstream, prefix=(prefixes or {}).get(i, ()), SIDECAR_INSTANCE=f"pod-{i}",
-                      **settings)
+        spawn_sidecar(upstream, SIDECAR_INSTANCE=f"pod-{i}", **settings,
+                      **(pod_env or {}).get(i, {}))
         for i in range(n)
     ))  # fmt: skip
     try:
@@ -390,30 +390,31 @@ async def test_redis_down_keeps_the_last_view_and_traffic_flat(upstream, redis_s
 @pytest.mark.slow
 @pytest.mark.tools
 async def test_clock_skew_of_700_ms(upstream, redis_server):
-    """pod-1's clock runs 0.7 s ahead, pod-2's 0.7 s behind: the slots they write are
-    offset by 700 ms from pod-0's; the fleet window still counts every request once."""
-    faketime = shutil.which("faketime")
-    assert faketime, "faketime missing: scripts/install-test-tools.sh installs it"
+    """pod-1's clock runs 0.7 s ahead, pod-2's 0.7 s behind (libfaketime): the slots
+    they write are offset by 700 ms from pod-0's; the fleet window still counts every
+    request once."""
+    libs = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
+    assert libs, "libfaketime missing: scripts/install-test-tools.sh installs faketime"
     up, url = upstream
-    os.environ["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"  # inherited by the spawned pods
-    try:
-        skewed = {1: (faketime, "-f", "+0.7s"), 2: (faketime, "-f", "-0.7s")}
-        ctx = fleet_of(3, url, redis_server.url, prefixes=skewed, env={"SIDECAR_WINDOWS_S": "10"})
-        async with ctx as pods, aiohttp.ClientSession() as client:
-            times = []
-            for _ in range(3):  # three rounds, spread over seconds and their boundaries
-                rounds = await asyncio.gather(*(burst(client, p.base, [10, 20, 30] * 20)
-                                                for p in pods))  # fmt: skip
-                times += [t for ts in rounds for t in ts]
-                await asyncio.sleep(0.35)
 
-            async def complete():
-                docs = [await fleet_doc(client, p) for p in pods]
-                return docs if all(count(d, window="10") == len(times) for d in docs) else None
+    def skewed(offset: str) -> dict[str, str]:
+        return {"LD_PRELOAD": libs[0], "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
-            docs = await until(complete, timeout=8)
-    finally:
-        os.environ.pop("FAKETIME_DONT_FAKE_MONOTONIC", None)
+    ctx = fleet_of(3, url, redis_server.url, env={"SIDECAR_WINDOWS_S": "10"},
+                   pod_env={1: skewed("+0.7s"), 2: skewed("-0.7s")})  # fmt: skip
+    async with ctx as pods, aiohttp.ClientSession() as client:
+        times = []
+        for _ in range(3):  # three rounds, spread over seconds and their boundaries
+            rounds = await asyncio.gather(*(burst(client, p.base, [10, 20, 30] * 20)
+                                            for p in pods))  # fmt: skip
+            times += [t for ts in rounds for t in ts]
+            await asyncio.sleep(0.35)
+
+        async def complete():
+            docs = [await fleet_doc(client, p) for p in pods]
+            return docs if all(count(d, window="10") == len(times) for d in docs) else None
+
+        docs = await until(complete, timeout=8)
     for d in docs:
         assert d["instances"] == ["pod-0", "pod-1", "pod-2"]
         stats = d["routes"][ROUTE]["10"]
@@ -591,3 +592,40 @@ def test_demo_with_three_replicas_shows_the_fleet(tmp_path):
         "the fleet demo needs Redis: set SIDECAR_REDIS_URL, or install redis-server "
         "(apt-get install redis-server)"
     ]
+
+
+@pytest.mark.tools
+async def test_late_writes_are_read_again_and_retries_count_once(redis_server):
+    """A sidecar whose second arrives after readers took that slot (it was slow, or
+    Redis was) marks it late; readers read the slot again. A batch sent twice (a retry
+    after a timeout) counts once."""
+    from sidecar.fleet.store import Batch, RedisFleetStore
+    from sidecar.fleet.view import FleetView
+    from sidecar.window import SubWindow
+
+    def second(n: int, ms: float) -> dict:
+        sub = SubWindow()
+        for _ in range(n):
+            sub.add(bucket_of(ms / 1000), ms / 1000)
+        return {(ROUTE, False): sub}
+
+    stores = [RedisFleetStore(redis_server.url, "late", f"pod-{i}", f"pod-{i}/x", [10])
+              for i in range(2)]  # fmt: skip
+    reader = FleetView(stores[0], "late", [10])
+    try:
+        at = time.time() - 5  # a slot every reader considers settled already
+        await stores[0].share([Batch(1, at, second(10, 20))], now=time.time(), want_lease=True)
+        await reader.refresh()
+        assert reader.snapshot().stats[(ROUTE, False)][10].count == 10
+        late = Batch(1, at, second(5, 300))
+        await stores[1].share([late], now=time.time(), want_lease=True)
+        await stores[1].share([late], now=time.time(), want_lease=True)  # the retry
+        await reader.refresh()
+        stats = reader.snapshot().stats
+        assert stats[(ROUTE, False)][10].count == 15
+        assert stats[("*", False)][10].count == 15  # `*` is summed from the routes
+        assert stats[(ROUTE, False)][10].max == pytest.approx(0.3)
+        assert reader.pods[(ROUTE, False)] == 2
+    finally:
+        for st in stores:
+            await st.aclose()

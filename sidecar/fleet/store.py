@@ -37,9 +37,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ..percentiles import Key
+from ..routes import ALL
 from ..sketch import NBUCKETS
 from ..window import SubWindow
-from .layout import LEASE_TTL_S, SETTLE_S, expires_at, slot_of, slots_in
+from .layout import LEASE_TTL_S, expires_at, late_after, slot_of, slots_in
 
 KIND = {False: "u", True: "s"}
 
@@ -117,52 +118,71 @@ class FleetStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-# KEYS: seq, instances, meta; per window (W): idx, late; data (W x R, window-major); pods (R)
-# ARGV: seq, instance, now_ms, W, R, retention_ms, windows, late (0|1), late mark;
+# KEYS: seq, instances, meta; per window (W): idx, late; data (W x R, window-major); pods (P)
+# ARGV: seq, instance, now_ms, W, R, retention_ms, windows, late deadline per window
+#       ("ms,ms": applied after it, by Redis's clock, readers may have read the slot
+#       already and must read it again), late mark;
 #       per window: expire_at_ms (W), slot (W), oldest slot worth keeping (W);
-#       per route: member (R), payload (R): "bucket:count ... m<max>"; then at_ms (the
-#       data's own time, the pods' score)
+#       per route: member (R), payload (R): "bucket:count ... m<max>";
+#       per pods key: member (P); then housekeeping (1: trim and refresh expiries, every
+#       HOUSEKEEPING_EVERY batches), P, and at_ms (the data's own time, the pods' score)
+# Routes exclude `*`: a reader sums it from the routes (each request is in exactly one
+# route label), which halves the writes; `*` still has its pods key.
 _SHARE = """
 local seq = tonumber(ARGV[1])
 if seq <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
 local keep = tonumber(ARGV[6])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', keep)
 local now = tonumber(ARGV[3])
+local housekeeping = ARGV[#ARGV - 2] == '1'
 redis.call('ZADD', KEYS[2], now, ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - keep)
-redis.call('PEXPIRE', KEYS[2], keep)
-redis.call('HSET', KEYS[3], 'windows', ARGV[7])
-redis.call('PEXPIRE', KEYS[3], keep)
+if housekeeping then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - keep)
+  redis.call('PEXPIRE', KEYS[2], keep)
+  redis.call('HSET', KEYS[3], 'windows', ARGV[7])
+  redis.call('PEXPIRE', KEYS[3], keep)
+end
 local W, R = tonumber(ARGV[4]), tonumber(ARGV[5])
+local at, P = tonumber(ARGV[#ARGV]), tonumber(ARGV[#ARGV - 1])
+for p = 1, P do
+  local pods = KEYS[3 + 2 * W + W * R + p]
+  redis.call('ZADD', pods, at, ARGV[2])
+  if housekeeping then
+    redis.call('ZREMRANGEBYSCORE', pods, '-inf', now - keep)
+    redis.call('PEXPIRE', pods, keep)
+  end
+end
 if R == 0 then return 1 end
+local deadlines = {}
+for d in string.gmatch(ARGV[8], '%d+') do deadlines[#deadlines + 1] = tonumber(d) end
+local t = redis.call('TIME')
+local applied = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local members = {unpack(ARGV, 10 + 3 * W, 9 + 3 * W + R)}
 for w = 1, W do
   local idx, exp = KEYS[3 + w], ARGV[9 + w]
   for r = 1, R do
     local key, payload = KEYS[3 + 2 * W + (w - 1) * R + r], ARGV[9 + 3 * W + R + r]
+    local m = tonumber(string.match(payload, 'm(%S+)'))
+    local old = redis.call('HGET', key, 'm')
+    if not old then
+      redis.call('HSET', key, 'm', m)
+      redis.call('PEXPIREAT', key, exp)
+    elseif m > tonumber(old) then
+      redis.call('HSET', key, 'm', m)
+    end
     for b, c in string.gmatch(payload, '(%d+):(%d+)') do
       redis.call('HINCRBY', key, b, c)
     end
-    local m = tonumber(string.match(payload, 'm(%S+)'))
-    local old = tonumber(redis.call('HGET', key, 'm') or '0')
-    if m and m > old then redis.call('HSET', key, 'm', m) end
-    redis.call('PEXPIREAT', key, exp)
-    redis.call('SADD', idx, ARGV[9 + 3 * W + r])
   end
+  redis.call('SADD', idx, unpack(members))
   redis.call('PEXPIREAT', idx, exp)
-  if ARGV[8] == '1' then
+  if applied > deadlines[w] then
     -- readers may have read this slot already: tell them to read it again
     local late = KEYS[3 + W + w]
     redis.call('ZADD', late, ARGV[9 + W + w], ARGV[9 + W + w] .. ' ' .. ARGV[9])
     redis.call('ZREMRANGEBYSCORE', late, '-inf', '(' .. ARGV[9 + 2 * W + w])
     redis.call('PEXPIRE', late, keep)
   end
-end
-local at = tonumber(ARGV[#ARGV])
-for r = 1, R do
-  local pods = KEYS[3 + 2 * W + W * R + r]
-  redis.call('ZADD', pods, at, ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', pods, '-inf', now - keep)
-  redis.call('PEXPIRE', pods, keep)
 end
 return 1
 """
@@ -216,7 +236,9 @@ redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 return 1
 """
 
-_READ_CHUNK = 500  # keys per read script call: bounded work per call on both sides
+_READ_CHUNK = 500
+HOUSEKEEPING_EVERY = 10  # batches between trims of the sorted sets and expiry refreshes
+PODS_REFRESH_S = 2.0  # keys per read script call: bounded work per call on both sides
 
 
 class _Script:
@@ -254,6 +276,7 @@ class RedisFleetStore:
         self.windows_s = tuple(windows_s)
         self._retention_ms = int((max(self.windows_s) + 60) * 1000)
         self._lease_value = ""
+        self._pods_sent: dict[str, float] = {}
 
     # --- key names -------------------------------------------------------------------
     def key(self, *parts: object) -> str:
@@ -300,16 +323,21 @@ class RedisFleetStore:
     # --- sharing and the lease -------------------------------------------------------
     def _share_call(self, batch: Batch, now: float) -> tuple[_Script, list[str], list[Any]]:
         windows = self.windows_s
-        members = [member_of(k) for k, sub in batch.subs.items() if sub.count]
-        subs = [sub for sub in batch.subs.values() if sub.count]
+        shared = [(k, sub) for k, sub in batch.subs.items() if sub.count]
+        # who had requests for a route: refreshed every PODS_REFRESH_S, not every second
+        pods = [member_of(k) for k, _ in shared]
+        pods = [m for m in pods if batch.at - self._pods_sent.get(m, -1e18) >= PODS_REFRESH_S]
+        for m in pods:
+            self._pods_sent[m] = batch.at
+        members = [member_of(k) for k, _ in shared if k[0] != ALL]
+        subs = [sub for k, sub in shared if k[0] != ALL]
         slots = [slot_of(batch.at, w) for w in windows]
-        late = now - batch.at > SETTLE_S - 1.0  # sent later than readers may read it
         keys = [self.key("seq", self.incarnation), self.key("instances"), self.key("meta")]
         keys += [self.idx_key(w, s) for w, s in zip(windows, slots, strict=True)]
         keys += [self.late_key(w) for w in windows]
         for w, s in zip(windows, slots, strict=True):
             keys += [self.data_key(w, s, m) for m in members]
-        keys += [self.key("pods", m) for m in members]
+        keys += [self.key("pods", m) for m in pods]
         args: list[Any] = [
             batch.seq,
             self.instance,
@@ -318,7 +346,9 @@ class RedisFleetStore:
             len(members),
             self._retention_ms,
             ",".join(map(str, windows)),
-            "1" if late else "0",
+            ",".join(
+                str(int(late_after(s, w) * 1000)) for w, s in zip(windows, slots, strict=True)
+            ),
             f"{self.incarnation}:{batch.seq}",
         ]
         args += [int(expires_at(s, w) * 1000) for w, s in zip(windows, slots, strict=True)]
@@ -326,6 +356,8 @@ class RedisFleetStore:
         args += [s - 2 * slots_in(w) for w, s in zip(windows, slots, strict=True)]
         args += members
         args += [_payload(sub) for sub in subs]
+        args += pods
+        args += ["1" if batch.seq % HOUSEKEEPING_EVERY == 1 else "0", len(pods)]
         args.append(int(batch.at * 1000))
         return _SHARE_S, keys, args
 
@@ -379,7 +411,7 @@ class RedisFleetStore:
         for s, members in zip(slots, indexes, strict=True):
             for m in members or ():
                 key = key_of(m)
-                if key is not None:
+                if key is not None and key[0] != ALL:
                     wanted.append((s, key, self.data_key(window_s, s, m)))
         out: dict[int, dict[Key, SubWindow]] = {s: {} for s in slots}
         for i in range(0, len(wanted), _READ_CHUNK):
@@ -389,6 +421,8 @@ class RedisFleetStore:
                 sub = _parse(text)
                 if sub.count:
                     out[s][key] = sub
+        for subs in out.values():
+            _add_all(subs)
         return out
 
     async def late_marks(self, window_s: int, lo: int, hi: int) -> dict[int, frozenset[str]]:
@@ -483,6 +517,22 @@ _LEASE_S = _Script(_LEASE)
 _READ_S = _Script(_READ)
 _TRANSITION_S = _Script(_TRANSITION)
 _POP_S = _Script(_POP)
+
+
+def _add_all(subs: dict[Key, SubWindow]) -> None:
+    """`*` of one slot: the sum of its routes, per kind."""
+    for stream in (False, True):
+        parts = [sub for (route, kind), sub in subs.items() if kind is stream]
+        if not parts:
+            continue
+        total = SubWindow()
+        counts = total.counts
+        for sub in parts:
+            for bucket, n in sub.counts.items():
+                counts[bucket] = counts.get(bucket, 0) + n
+            total.count += sub.count
+            total.max = max(total.max, sub.max)
+        subs[(ALL, stream)] = total
 
 
 def _payload(sub: SubWindow) -> str:
