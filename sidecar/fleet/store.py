@@ -24,6 +24,7 @@ lease holder copies the outbox to the stream, skipping events the stream already
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -236,7 +237,7 @@ redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 return 1
 """
 
-_READ_CHUNK = 500
+_READ_CHUNK = 200  # keys per read script call: bounded work per call on both sides
 HOUSEKEEPING_EVERY = 10  # batches between trims of the sorted sets and expiry refreshes
 PODS_REFRESH_S = 2.0  # keys per read script call: bounded work per call on both sides
 
@@ -421,6 +422,7 @@ class RedisFleetStore:
                 sub = _parse(text)
                 if sub.count:
                     out[s][key] = sub
+            await asyncio.sleep(0)  # parsing is CPU: let proxied requests run between chunks
         for subs in out.values():
             _add_all(subs)
         return out

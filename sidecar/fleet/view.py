@@ -24,6 +24,7 @@ from .layout import settled_slot, slot_seconds, slots_in
 from .store import FleetError, FleetStore
 
 log = logging.getLogger(__name__)
+SLOTS_PER_READ = 6  # slots per round trip of a first read (then the loop runs again)
 MAX_KEYS = 1000  # route labels x kinds across the fleet (each sidecar caps its own)
 
 
@@ -111,18 +112,23 @@ class FleetView:
         self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
-        """Read what is new; raises `FleetError` (the view then keeps its last state)."""
+        """Read what is new; raises `FleetError` (the view then keeps its last state).
+
+        A first read takes whole windows: it goes in groups of slots, yielding to the
+        event loop between them, so proxied requests on this sidecar never wait long;
+        an interrupted read keeps what it got and the next one goes on from there. The
+        snapshot changes only when a refresh completes."""
         async with self._lock:
             now = self._clock()
-            read = []
+            keys: set[Key] = set()
             for fw in self.windows:
                 hi = settled_slot(now, fw.window_s)
                 marks = await self._store.late_marks(fw.window_s, hi - fw.n + 1, hi)
-                slots = await self._store.read_slots(fw.window_s, fw.wanted(hi, marks))
-                read.append((fw, hi, slots, marks))
-            keys: set[Key] = set()
-            for fw, hi, slots, marks in read:
-                fw.advance(hi, slots, marks)
+                wanted = fw.wanted(hi, marks)
+                for i in range(0, max(1, len(wanted)), SLOTS_PER_READ):
+                    group = wanted[i : i + SLOTS_PER_READ]
+                    fw.advance(hi, await self._store.read_slots(fw.window_s, group), marks)
+                    await asyncio.sleep(0)
                 keys |= set(fw.totals)
             # alive: shared within the shortest window; pods: had requests in it
             first = self.windows[0]
@@ -130,7 +136,7 @@ class FleetView:
                 now - first.window_s - 1.0, first.start, sorted(keys)
             )
             self.read_at = now
-            self._snapshot = None
+            self._snapshot = self._compute()
 
     async def fresh(self, max_age_s: float = 1.0, timeout_s: float = 1.5) -> None:
         """Refresh unless a refresh is at most ``max_age_s`` old; never raises."""
@@ -146,13 +152,16 @@ class FleetView:
     def stale_s(self) -> float | None:
         return None if self.read_at is None else max(0.0, self._clock() - self.read_at)
 
+    def _compute(self) -> Snapshot:
+        keys = set().union(*(fw.totals for fw in self.windows))
+        stats = {key: {fw.window_s: fw.stats(key) for fw in self.windows} for key in keys}
+        return Snapshot(self.read_at or 0.0, self.windows_s, stats)
+
     def snapshot(self) -> Snapshot:
-        snap = self._snapshot
-        if snap is None:
-            keys = set().union(*(fw.totals for fw in self.windows))
-            stats = {key: {fw.window_s: fw.stats(key) for fw in self.windows} for key in keys}
-            snap = self._snapshot = Snapshot(self.read_at or 0.0, self.windows_s, stats)
-        return snap
+        """As of the last completed refresh (empty before the first)."""
+        if self._snapshot is None:
+            return Snapshot(0.0, self.windows_s, {})
+        return self._snapshot
 
     def as_json(self) -> dict[str, Any]:
         """The `/percentiles` document of the fleet, plus who is in it and its age."""
