@@ -150,14 +150,14 @@ async def _show(sidecars: list[Sidecar], refresh_s: float, duration: float | Non
     loop = asyncio.get_running_loop()
     started = loop.time()
     tty = out.isatty()
-    view = sidecars[0].fleet
-    assert view is not None
+    fleet = sidecars[0].fleet
+    assert fleet is not None
     while not stop.stopping:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), refresh_s)
-        await view.view.fresh()
+        await fleet.view.fresh()
         pods = _pods([(sc.settings.instance, sc.percentiles.snapshot()) for sc in sidecars])
-        table = pods + "\n\n" + render_fleet(view.view)
+        table = pods + "\n\n" + render_fleet(fleet.view)
         print((CLEAR if tty else "") + table + "\n", file=out, flush=True)
         if duration is not None and loop.time() - started >= duration:
             break
