@@ -24,6 +24,8 @@ TOOLS=(
   "dockerd docker.io"
   "debootstrap debootstrap"
   "docker-compose docker-compose"
+  "faketime faketime"
+  "openssl openssl"
 )
 
 missing=()

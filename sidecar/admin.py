@@ -50,8 +50,12 @@ def build_admin_app(
     probe: UpstreamProbe,
     *,
     json_views: dict[str, JsonView] | None = None,
+    scoped_views: dict[tuple[str, str], JsonView] | None = None,
     metrics: MetricsView | None = None,
 ) -> web.Application:
+    """``scoped_views``: ``(path, scope) -> view`` answers ``GET path?scope=...``
+    (``/percentiles?scope=fleet``); without ``scope`` (or ``scope=instance``) the
+    path's plain view answers."""
     app = web.Application()
     app.on_response_prepare.append(_no_server_header)
 
@@ -67,8 +71,10 @@ def build_admin_app(
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    scoped = scoped_views or {}
     for path, view in (json_views or {}).items():
-        app.router.add_get(path, _json_handler(view))
+        scopes = {scope: v for (p, scope), v in scoped.items() if p == path}
+        app.router.add_get(path, _json_handler(view, scopes))
     if metrics is not None:
         app.router.add_get("/metrics", metrics)
     return app
@@ -78,9 +84,21 @@ async def _no_server_header(_: web.Request, response: web.StreamResponse) -> Non
     response.headers.popall(hdrs.SERVER, None)
 
 
-def _json_handler(view: JsonView) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handler(_: web.Request) -> web.Response:
-        doc = view()
+def _json_handler(
+    view: JsonView, scopes: dict[str, JsonView]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        chosen = view
+        scope = request.query.get("scope", "instance")
+        if scope != "instance":
+            if scope not in scopes:
+                known = ", ".join(["instance", *sorted(scopes)])
+                return web.json_response(
+                    {"error": f"unknown scope; here: {known} (fleet needs SIDECAR_FLEET)"},
+                    status=404,
+                )
+            chosen = scopes[scope]
+        doc = chosen()
         if inspect.isawaitable(doc):
             doc = await doc
         return web.json_response(doc)

@@ -1,7 +1,8 @@
 """Events as Alertmanager alerts: the push API's shape and the webhook payload (v4).
 
 A breach is the alert ``LatencyBreach`` with labels route, stream, quantile, severity,
-instance and annotations value_ms, threshold_ms, window_s, samples. A slow request is
+instance (a fleet breach: the fleet's name, plus ``scope="fleet"``) and annotations
+value_ms, threshold_ms, window_s, samples. A slow request is
 a point-in-time ``SlowRequest`` alert (already resolved: startsAt = endsAt).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .events import BREACH, RESOLVED, Event
+from .events import BREACH, FLEET_SCOPE, RESOLVED, Event
 from .timefmt import iso_ms
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not ended"
@@ -26,6 +27,11 @@ def labels_of(event: Event) -> dict[str, str]:
     }
     if event.quantile:
         labels["quantile"] = event.quantile
+    if event.scope == FLEET_SCOPE:
+        # the same labels whichever sidecar evaluated it, so a resolve raised after a
+        # fail-over still ends the alert its breach started
+        labels["instance"] = event.fleet
+        labels["scope"] = FLEET_SCOPE
     return labels
 
 

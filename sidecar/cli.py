@@ -1,4 +1,4 @@
-"""The `latency-sidecar` command: run, demo, check-config, events, analyze."""
+"""The `latency-sidecar` command: run, demo, check-config, events, fleet, analyze."""
 
 from __future__ import annotations
 
@@ -69,6 +69,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
     setup_logging("warning", "text")
+    if args.replicas > 1:  # a fleet of sidecars sharing through Redis
+        from .demo.fleet import run_fleet_demo
+
+        try:
+            return run_async(
+                run_fleet_demo(
+                    replicas=args.replicas,
+                    duration=args.duration,
+                    rps=args.rps,
+                    refresh_s=args.refresh,
+                )
+            )
+        finally:
+            flush_logging()
     try:
         return run_async(
             run_demo(
@@ -183,6 +197,26 @@ def cmd_events(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    import os
+
+    from .fleet.table import show_fleet
+
+    # only the Redis and fleet settings matter here: no upstream is needed
+    settings = load_settings(
+        upstream_url=os.environ.get("SIDECAR_UPSTREAM_URL") or "http://127.0.0.1:1",
+        redis_url=args.redis_url,
+        fleet=args.fleet,
+    )
+    if not settings.fleet:
+        raise ConfigError("SIDECAR_FLEET: is required to show a fleet (or --fleet NAME)")
+    try:
+        return run_async(show_fleet(settings, watch=args.watch))
+    except OSError as exc:
+        print(f"latency-sidecar: cannot read the fleet from Redis: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latency-sidecar",
@@ -208,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--refresh", type=float, default=2.0, help=argparse.SUPPRESS)
     demo.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT")
     demo.add_argument("--admin-listen", default="127.0.0.1:9901", metavar="HOST:PORT")
+    demo.add_argument(
+        "--replicas", type=int, default=1, metavar="N",
+        help="N sidecars sharing a fleet view through Redis (SIDECAR_REDIS_URL, or a "
+        "redis-server from PATH); ports are then chosen freely",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
 
     gw = sub.add_parser("demo-gateway", help="run only the demo AI gateway (for compose)")
@@ -249,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="one JSON object per line")
     ev.add_argument("--redis-url", help="overrides SIDECAR_REDIS_URL")
     ev.set_defaults(func=cmd_events)
+
+    fl = sub.add_parser("fleet", help="the fleet's percentiles (every sidecar of SIDECAR_FLEET)")
+    fl.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    fl.add_argument("--fleet", metavar="NAME", help="overrides SIDECAR_FLEET")
+    fl.add_argument("--redis-url", metavar="URL", help="overrides SIDECAR_REDIS_URL")
+    fl.set_defaults(func=cmd_fleet)
 
     from .analysis.command import add_parser as add_analyze
 

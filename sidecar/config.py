@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     instance: str = Field(default_factory=socket.gethostname, min_length=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    fleet: str = ""
+    breach_scope: Literal["instance", "fleet", "both"] = "instance"
 
     @field_validator("upstream_url")
     @classmethod
@@ -202,6 +204,23 @@ class Settings(BaseSettings):
             for other, there in listeners[:i]:
                 if where.port and where.port == there.port and _overlap(where.host, there.host):
                     raise ValueError(f"{name}: {where} is the same port as {other} ({there})")
+        return self
+
+    @field_validator("fleet")
+    @classmethod
+    def _fleet_name(cls, v: str) -> str:
+        v = v.strip()
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
+            raise ValueError("expected a name of letters, digits, '_', '.', '-' (<= 63)")
+        return v
+
+    @model_validator(mode="after")
+    def _fleet(self) -> Settings:
+        if self.fleet and not self.redis_url:
+            raise ValueError("SIDECAR_FLEET: the fleet view shares through Redis; "
+                             "set SIDECAR_REDIS_URL too")  # fmt: skip
+        if self.breach_scope != "instance" and not self.fleet:
+            raise ValueError(f"SIDECAR_BREACH_SCOPE: {self.breach_scope!r} needs SIDECAR_FLEET")
         return self
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +24,9 @@ BREACH, RESOLVED, SLOW_REQUEST = "breach", "resolved", "slow_request"
 FIELDS = (
     "event_id", "type", "severity", "route", "stream", "quantile", "window_s",
     "value_ms", "threshold_ms", "samples", "instance", "ts", "request_id", "trace_id",
+    "scope", "fleet", "instances",
 )  # fmt: skip
+INSTANCE_SCOPE, FLEET_SCOPE = "instance", "fleet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,9 @@ class Event:
     trace_id: str = ""
     event_id: str = field(default_factory=new_id)
     started_at: float | None = None  # resolved: when its breach started (not a field)
+    scope: str = INSTANCE_SCOPE  # "fleet": judged on the fleet window (SIDECAR_BREACH_SCOPE)
+    fleet: str = ""  # fleet events: the fleet's name
+    instances: int | None = None  # fleet events: how many sidecars contributed
 
     def fields(self) -> dict[str, str]:
         """The Redis Stream entry: SPEC field names, all values strings, SPEC order."""
@@ -65,6 +70,9 @@ class Event:
             out["request_id"] = self.request_id
             if self.trace_id:
                 out["trace_id"] = self.trace_id
+        out["scope"] = self.scope
+        out["fleet"] = self.fleet
+        out["instances"] = "" if self.instances is None else str(self.instances)
         return out
 
     def as_json(self) -> dict[str, Any]:
@@ -75,6 +83,7 @@ class Event:
         doc["threshold_ms"] = self.threshold_ms
         doc["window_s"] = self.window_s
         doc["samples"] = self.samples
+        doc["instances"] = self.instances
         return doc
 
     @property
@@ -111,14 +120,17 @@ class EventBus:
         self.sinks = list(sinks)
         self.recent: deque[Event] = deque(maxlen=recent)
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, *, skip: Container[str] = ()) -> None:
+        """``skip``: names of sinks that already have the event (fleet events are
+        written to the Redis Stream by the fleet component itself)."""
         self._metrics.events.labels(event.type, event.severity).inc()
         self.recent.append(event)
         level = _LEVEL.get((event.type, event.severity), logging.INFO)
         log.log(level, "%s %s %s", event.type, event.severity, event.route,
                 extra={"event": event.fields()})  # fmt: skip
         for sink in self.sinks:
-            sink.enqueue(event)
+            if sink.name not in skip:
+                sink.enqueue(event)
 
     def recent_json(self) -> list[dict[str, Any]]:
         """The last events, newest first (`/breaches`)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,8 @@ class Percentiles:
         self._totals: dict[Key, tuple[int, float]] = {}  # count, sum since start
         self._snapshot: Snapshot | None = None  # last computed
         self._fresh = False  # computed since the last tick
+        # called by `tick` with the sub-windows it closed (the fleet view shares them)
+        self.tick_hooks: list[Callable[[Mapping[Key, SubWindow]], None]] = []
 
     def observe(self, record: TimingRecord) -> None:
         if record.error == CLIENT_DISCONNECT:
@@ -119,6 +122,11 @@ class Percentiles:
             for window in windows:
                 window.push(closed)
         self._fresh = False
+        for hook in self.tick_hooks:
+            try:
+                hook(pending)
+            except Exception:  # a hook must not stop the windows from advancing
+                log.exception("percentile tick hook failed")
 
     def snapshot(self) -> Snapshot:
         """Percentiles of every route and window; cached until the next tick."""

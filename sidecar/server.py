@@ -28,6 +28,7 @@ from .config import Settings, redact_url
 from .connections import GuardedAppRunner, GuardedServer, Limits
 from .events import EventBus
 from .exposition import metrics_handler
+from .fleet import Fleet
 from .listeners import close, listening
 from .metrics import Metrics, QuantileCollector, RequestMetrics, WebSocketMetrics
 from .percentiles import Percentiles
@@ -57,6 +58,7 @@ class Sidecar:
         self.percentiles = Percentiles(s.windows_s)
         self.bus = EventBus(self.metrics, build_sinks(s, self.metrics))
         self.detector = BreachDetector(s, self.percentiles, self.bus, self.metrics)
+        self.fleet = Fleet(s, self.percentiles, self.bus, self.metrics) if s.fleet else None
         self.proxy = Proxy(
             s.upstream_url,
             self.labeler,
@@ -107,6 +109,9 @@ class Sidecar:
                 },
                 "/stats": self.runtime.document,
             },
+            scoped_views=(
+                {("/percentiles", "fleet"): self.fleet.percentiles_json} if self.fleet else {}
+            ),
             metrics=metrics_handler(self.metrics.registry, self.percentiles.snapshot),
         )
 
@@ -174,7 +179,10 @@ class Sidecar:
         if ticker is None:
             ticker = await stack.enter_async_context(LoopTicker())
         ticker.every(1, self.percentiles.tick, "percentile-ticker")
-        ticker.every(s.eval_interval_s, self.detector.evaluate, "breach-detector")
+        if s.breach_scope != "fleet":
+            ticker.every(s.eval_interval_s, self.detector.evaluate, "breach-detector")
+        if self.fleet is not None:
+            await stack.enter_async_context(self.fleet)
         ticker.every(1, proxy_server.sweep, "connection-sweep")
         ticker.every(1, admin.guarded.sweep, "admin-connection-sweep")
         lag = asyncio.create_task(self.loop_lag.run(), name="loop-lag")

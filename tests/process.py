@@ -40,6 +40,9 @@ class SidecarProcess:
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        self.proc.kill()
+
     async def wait(self, timeout: float = 30) -> int:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 

@@ -243,7 +243,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     sidecars: one with native histograms on (protobuf scrapes), one classic (text)."""
     up, url = upstream
     sc = await make_sidecar(
-        url, redis_url=redis_server.url, target_pid=os.getpid(), eval_interval_s=1,
+        url, redis_url=redis_server.url, target_pid=os.getpid(), eval_interval_s=1, fleet="deploy",
         p95_threshold_ms=20, p99_threshold_ms=30, min_samples=5, windows_s="5,60",
     )  # fmt: skip
     dead = await make_sidecar(f"http://127.0.0.1:{closed_port}")

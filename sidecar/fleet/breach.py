@@ -1,0 +1,153 @@
+"""Fleet breach rules: the instance rules (`breach.BreachDetector`) judged on the fleet
+window, by the lease holder only, with their state in the store.
+
+Exactly one event per fleet state change:
+
+* only the lease holder evaluates, and every change is a compare-and-set on the
+  rule's version in the store, fenced by the holder's lease token: a sidecar that lost
+  the lease (expired, partitioned) cannot change anything;
+* the change and its event are written together (one script), into an outbox next to
+  the state; the holder then copies the outbox to the stream, skipping any event whose
+  id the stream already holds;
+* event ids are deterministic (fleet, rule, version): a copy repeated after a crash
+  between "added to the stream" and "removed from the outbox" is recognised.
+
+A new holder reads the state from the store, so an open breach is neither raised
+again nor forgotten: its resolve comes from whoever holds the lease when the fleet
+recovers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Any
+
+from ..breach import HYSTERESIS, Rule
+from ..config import Settings
+from ..events import BREACH, FLEET_SCOPE, RESOLVED, Event, EventBus
+from ..percentiles import EMPTY, Key
+from .store import FleetStore, Lease, key_of, member_of
+from .view import FleetView
+
+log = logging.getLogger(__name__)
+_NAMESPACE = uuid.UUID("8f0f6d1e-5d8a-4b7e-9f39-3b1c2b7a6c11")
+_EVENT_FIELDS = {f.name for f in dataclasses.fields(Event)}
+
+
+def rule_id(key: Key, rule: Rule) -> str:
+    return f"{rule.name} {member_of(key)}"
+
+
+class FleetBreaches:
+    def __init__(
+        self, settings: Settings, store: FleetStore, view: FleetView, bus: EventBus
+    ) -> None:
+        self._store = store
+        self._view = view
+        self._bus = bus
+        self._fleet = settings.fleet
+        self._instance = settings.instance
+        self._window = settings.breach_window_s
+        self._min = settings.min_samples
+        self._stream = settings.redis_stream
+        self._maxlen = settings.redis_maxlen
+        self.rules = (
+            Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
+            Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
+        )
+
+    async def evaluate(self, lease: Lease) -> list[Event]:
+        """Judge the fleet window; apply the state changes; deliver queued events.
+        Returns the events delivered to the stream by this call."""
+        states = await self._store.rule_states()
+        snap = self._view.snapshot()
+        instances = len(self._view.instances)
+        keys = set(snap.stats)
+        for rid, state in states.items():
+            if state.active is not None:
+                key = key_of(rid.partition(" ")[2])
+                if key is not None:
+                    keys.add(key)
+        for key in sorted(keys):
+            stats = snap.stats.get(key, {}).get(self._window, EMPTY)
+            for rule in self.rules:
+                rid = rule_id(key, rule)
+                current = states.get(rid)
+                gen, active = (current.gen, current.active) if current else (0, None)
+                value_ms = stats.value(rule.quantile) * 1000 if stats.count else 0.0
+                if active is None:
+                    if stats.count >= self._min and value_ms > rule.threshold_ms:
+                        event = self._event(
+                            BREACH, rule, key, value_ms, stats.count, instances, rid, gen
+                        )
+                        await self._apply(lease, rid, gen, event, _kwargs(event))
+                elif stats.count == 0 or (
+                    stats.count >= self._min and value_ms <= rule.threshold_ms * (1 - HYSTERESIS)
+                ):
+                    event = self._event(
+                        RESOLVED,
+                        rule,
+                        key,
+                        value_ms,
+                        stats.count,
+                        instances,
+                        rid,
+                        gen,
+                        started_at=float(active.get("ts", 0.0)),
+                    )
+                    await self._apply(lease, rid, gen, event, None)
+        delivered = await self._store.deliver_outbox(lease, self._stream, self._maxlen)
+        events = []
+        for doc in delivered:
+            event = Event(**{k: v for k, v in doc["event"].items() if k in _EVENT_FIELDS})
+            # the stream has it already; the other sinks (webhooks, Alertmanager) get it here
+            self._bus.publish(event, skip=("redis",))
+            events.append(event)
+        return events
+
+    async def _apply(
+        self, lease: Lease, rid: str, gen: int, event: Event, active: dict[str, Any] | None
+    ) -> None:
+        doc = {"fields": event.fields(), "event": _kwargs(event)}
+        if not await self._store.transition(lease, rid, gen, active, doc):
+            log.info("fleet rule %s changed elsewhere; not raising %s", rid, event.type)
+
+    def _event(
+        self,
+        kind: str,
+        rule: Rule,
+        key: Key,
+        value_ms: float,
+        samples: int,
+        instances: int,
+        rid: str,
+        gen: int,
+        started_at: float | None = None,
+    ) -> Event:
+        route, stream = key
+        return Event(
+            type=kind,
+            severity=rule.severity,
+            route=route,
+            stream=stream,
+            quantile=rule.name,
+            window_s=self._window,
+            value_ms=value_ms,
+            threshold_ms=rule.threshold_ms,
+            samples=samples,
+            instance=self._instance,
+            ts=time.time(),
+            # one id per (fleet, rule, version): whoever writes it, it is the same event
+            event_id=str(uuid.uuid5(_NAMESPACE, f"{self._fleet}\n{rid}\n{gen + 1}")),
+            started_at=started_at,
+            scope=FLEET_SCOPE,
+            fleet=self._fleet,
+            instances=instances,
+        )
+
+
+def _kwargs(event: Event) -> dict[str, Any]:
+    return dataclasses.asdict(event)
