@@ -349,7 +349,11 @@ async def test_compose_stack_breaches_reach_redis_receiver_and_alertmanager(
                         return doc
                 return None
 
-            first = await wait_until("a breach in the receiver's log", receiver_breach, 150)
+            try:
+                first = await wait_until("a breach in the receiver's log", receiver_breach, 150)
+            except AssertionError:
+                _, logs, _ = await run("logs", "--no-color", "--tail", "40", timeout=30)
+                raise AssertionError(f"no breach reached the receiver; logs:\n{logs}") from None
             FIGURES["stack: compose up -> first breach in the receiver"] = (
                 f"{time.monotonic() - t_up:.1f} s"
             )
