@@ -84,6 +84,9 @@ class Percentiles:
         self._pending: dict[Key, SubWindow] = {}
         self._snapshot: Snapshot | None = None  # last computed
         self._fresh = False  # computed since the last tick
+        # windows of other values that must advance with these, in the same tick
+        # (anatomy/: time to first token, per output token, upstream, overhead)
+        self.linked: list[Percentiles] = []
 
     def observe(self, record: TimingRecord) -> None:
         if record.error == CLIENT_DISCONNECT:
@@ -102,8 +105,25 @@ class Percentiles:
             if seconds > sub.max:
                 sub.max = seconds
 
+    def add(self, route: str, stream: bool, seconds: float) -> None:
+        """One value of another kind than a record's latency, under (route, stream)
+        and (``*``, stream)."""
+        bucket = bucket_of(seconds)
+        pending = self._pending
+        for key in ((route, stream), (ALL, stream)):
+            sub = pending.get(key)
+            if sub is None:
+                sub = pending[key] = SubWindow()
+            counts = sub.counts
+            counts[bucket] = counts.get(bucket, 0) + 1
+            sub.count += 1
+            if seconds > sub.max:
+                sub.max = seconds
+
     def tick(self) -> None:
         """Close the current sub-window: push it into every rolling window."""
+        for other in self.linked:
+            other.tick()
         pending, self._pending = self._pending, {}
         for key in pending:
             if key not in self._windows:
