@@ -218,12 +218,13 @@ class Upstream:
         prompt = len(json.dumps(body.get("messages", [])))  # a deterministic "token" count
         if not body.get("stream"):
             return await self._llm_unary(request, n, prompt, int(h.get("X-Test-Body-Kb", "8")))
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(request)
-        loop = asyncio.get_running_loop()
-        truth: dict[str, Any] = {"n": n, "prompt": prompt, "writes": []}
+        truth: dict[str, Any] = {"n": n, "prompt": prompt, "writes": [], "arrived": arrived}
         self.llm.append(truth)
         anthropic = h.get("X-Test-Shape") == "anthropic"
         if anthropic:

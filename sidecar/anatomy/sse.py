@@ -10,8 +10,10 @@ question still open:
   ``"tool_calls"``, ``"text"``, ``"delta"``, ...) is parsed to tell output from a
   role-only chunk or a keep-alive; comments (``: ping``) and events without ``data:``
   are never parsed;
-- after it, nothing is parsed while streaming: an event that mentions a token count
-  (``_tokens"``) is only remembered, and the last one is parsed once, at the end.
+- after it, nothing is parsed while streaming: an event counts as an output chunk
+  when it mentions its shape's output key (a finish chunk with an empty delta does
+  not); an event that mentions a token count (``_tokens"``) is only remembered, and
+  the last one is parsed once, at the end.
 
 Recognised shapes (`SseScanner.shape`):
 - ``openai``: chat completions chunks (``choices[].delta.content`` / ``tool_calls`` /
@@ -107,7 +109,7 @@ class SseScanner:
                 else:
                     self.chunks += 1  # counted for the fallback: per chunk from the first
                     self.last_chunk_at = now
-            else:
+            elif state == _UNKNOWN or _carries_output(data, self.shape):
                 self.chunks += 1
                 self.last_chunk_at = now
             end = find(b"\n\n", pos)
@@ -194,6 +196,24 @@ class SseScanner:
             elif tokens is None and self.chunks > 1 and self._state != _DEAD:
                 per_token = max(0.0, self.last_chunk_at - first) / (self.chunks - 1)
         return first, self.output_tokens, self.input_tokens, per_token
+
+
+def _carries_output(data: bytes, shape: str) -> bool:
+    """After the first token, without parsing: does this event of a known shape carry
+    output (not a finish chunk, a stop event or a keep-alive)?"""
+    for key in _OUTPUT_KEYS[shape]:  # noqa: SIM110  (any() of a generator costs more)
+        if key in data:
+            return True
+    return False
+
+
+_OUTPUT_KEYS = {
+    "openai": (b'"content"', b'"tool_calls"', b'"text"', b'"function_call"',
+               b'"reasoning_content"'),
+    "anthropic": (b'"content_block_delta"',),
+    "responses": (b'.delta"',),
+    "unknown": (b"",),
+}  # fmt: skip
 
 
 def _data_of(event: bytes) -> bytes | None:
