@@ -29,8 +29,9 @@ from .anatomy.observer import Anatomy
 from .config import Settings
 from .events import BREACH, LATENCY, RESOLVED, SLOW_REQUEST, Event, EventBus
 from .metrics import Metrics
-from .percentiles import Percentiles, Snapshot
+from .percentiles import Percentiles, Snapshot, WindowStats
 from .record import CLIENT_DISCONNECT, TimingRecord
+from .routes import ALL
 from .runtime.looplag import LoopLag
 from .timefmt import iso_ms
 
@@ -136,8 +137,11 @@ class BreachDetector:
                     current.value_ms, current.samples = value_ms, stats.count
 
     def _p95_ms(self, windows: Percentiles, route: str, stream: bool) -> float | None:
-        per_window = windows.snapshot().stats.get((route, stream))
-        stats = per_window.get(self._window) if per_window else None
+        if route == ALL:  # kept per route only (anatomy/observer.py): merged here
+            stats: WindowStats | None = windows.merged(stream, self._window)
+        else:
+            per_window = windows.snapshot().stats.get((route, stream))
+            stats = per_window.get(self._window) if per_window else None
         return stats.value(0.95) * 1000 if stats is not None and stats.count else None
 
     def _event(

@@ -16,7 +16,7 @@ from typing import Any
 
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .routes import ALL
-from .sketch import bucket_of
+from .sketch import LogHistogram, bucket_of
 from .timefmt import iso_ms
 from .window import RollingHistogram, SubWindow
 
@@ -119,6 +119,33 @@ class Percentiles:
             sub.count += 1
             if seconds > sub.max:
                 sub.max = seconds
+
+    def add_key(self, key: Key, seconds: float) -> None:
+        """One value under ``key`` only (no ``*``: `merged` computes it when asked)."""
+        bucket = bucket_of(seconds)
+        sub = self._pending.get(key)
+        if sub is None:
+            sub = self._pending[key] = SubWindow()
+        counts = sub.counts
+        counts[bucket] = counts.get(bucket, 0) + 1
+        sub.count += 1
+        if seconds > sub.max:
+            sub.max = seconds
+
+    def merged(self, stream: bool, window_s: int) -> WindowStats:
+        """Percentiles of every route's window of one kind together (for values kept
+        with `add_key`): the ``*`` view, computed on demand."""
+        total = LogHistogram()
+        for (route, kind), windows in self._windows.items():
+            if kind != stream or route == ALL:
+                continue
+            for window in windows:
+                if window.window_s == window_s and not window.empty:
+                    total.merge(window.totals)
+                    total.max = max(total.max, window.max)
+        if not total.count:
+            return EMPTY
+        return WindowStats(total.count, tuple(total.quantiles(QUANTILES)), total.max)
 
     def tick(self) -> None:
         """Close the current sub-window: push it into every rolling window."""

@@ -41,13 +41,14 @@ class Anatomy:
             return  # refused before the upstream, or never completed
         route = record.route
         stream = record.stream
+        key = (route, stream)  # upstream and overhead: per route only, `*` merged on demand
         upstream_end = record.upstream_end
         if upstream_end is not None:
-            self.overhead.add(route, stream, sent_at - record.start + record.end - upstream_end)
+            self.overhead.add_key(key, sent_at - record.start + record.end - upstream_end)
         if stream:
             first = record.first_token_at
             if first is not None:
-                self.upstream.add(route, True, first - sent_at)
+                self.upstream.add_key(key, first - sent_at)
                 ttft = first - record.start
                 self.ttft.add(route, True, ttft)
                 self._ttft_h(route).observe(ttft, record.trace_id)
@@ -58,11 +59,11 @@ class Anatomy:
         else:
             headers_at = record.headers_at
             if headers_at is not None:
-                self.upstream.add(route, False, headers_at - sent_at)
+                self.upstream.add_key(key, headers_at - sent_at)
         tokens = record.output_tokens
         if tokens is not None:
             self._output[route] = self._output.get(route, 0) + tokens
-        tokens = record.input_tokens
+        tokens = record.input_tokens  # also alone: embeddings report prompt tokens only
         if tokens is not None:
             self._input[route] = self._input.get(route, 0) + tokens
 

@@ -86,6 +86,17 @@ class SseScanner:
         pos = 0
         find = buf.find
         end = find(b"\n\n")
+        if state == _COUNTING:  # after the first token: substring tests only, no copies
+            keys = _OUTPUT_KEYS[self.shape]
+            key = keys[0]
+            while end >= 0:
+                if find(b'_tokens"', pos, end) >= 0:  # usage: parsed once, at the end
+                    self._usage_event = buf[pos:end]
+                elif find(key, pos, end) >= 0 or _other_keys(buf, keys, pos, end):
+                    self.chunks += 1
+                    self.last_chunk_at = now
+                pos = end + 2
+                end = find(b"\n\n", pos)
         while end >= 0:
             event = buf[pos:end]
             pos = end + 2
@@ -100,7 +111,7 @@ class SseScanner:
             if data == _DONE:
                 pass
             elif b'_tokens"' in data:  # usage: parsed once, at the end (the last one wins)
-                self._usage_event = data
+                self._usage_event = event
                 if state == _SEEKING and self._candidate(data):
                     state = self._seek(data, now)
             elif state == _SEEKING:
@@ -173,9 +184,10 @@ class SseScanner:
         """(first token time, output tokens, input tokens, time per output token or, without
         usage, per output chunk). Called once, when the stream ended."""
         usage = self._usage_event
-        if usage is not None:
+        data = None if usage is None else _data_of(usage)
+        if data is not None:
             try:
-                doc = _loads(usage)
+                doc = _loads(data)
             except (ValueError, RecursionError):
                 doc = None
             if isinstance(doc, dict):
@@ -201,8 +213,13 @@ class SseScanner:
 def _carries_output(data: bytes, shape: str) -> bool:
     """After the first token, without parsing: does this event of a known shape carry
     output (not a finish chunk, a stop event or a keep-alive)?"""
-    for key in _OUTPUT_KEYS[shape]:  # noqa: SIM110  (any() of a generator costs more)
-        if key in data:
+    keys = _OUTPUT_KEYS[shape]
+    return keys[0] in data or _other_keys(data, keys, 0, len(data))
+
+
+def _other_keys(buf: bytes, keys: tuple[bytes, ...], pos: int, end: int) -> bool:
+    for key in keys[1:]:  # noqa: SIM110  (any() of a generator costs more)
+        if buf.find(key, pos, end) >= 0:
             return True
     return False
 
