@@ -16,9 +16,10 @@ import sys
 import time
 from typing import Any
 
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, AsyncStream
+from openai.types.chat import ChatCompletionUserMessageParam
 
-MESSAGES = [{"role": "user", "content": "Say hello."}]
+MESSAGES: list[ChatCompletionUserMessageParam] = [{"role": "user", "content": "Say hello."}]
 
 
 async def _call(client: AsyncOpenAI, step: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +29,7 @@ async def _call(client: AsyncOpenAI, step: dict[str, Any]) -> dict[str, Any]:
         answer = await client.chat.completions.create(
             model="m",
             messages=MESSAGES,
-            extra_headers=headers,  # type: ignore[arg-type]
+            extra_headers=headers,
         )
         usage = answer.usage
         return {"usage": None if usage is None else usage.model_dump()}
@@ -40,8 +41,9 @@ async def _call(client: AsyncOpenAI, step: dict[str, Any]) -> dict[str, Any]:
         messages=MESSAGES,
         stream=True,
         extra_headers=headers,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
+    assert isinstance(stream, AsyncStream)
     first = None
     usage_doc = None
     async for chunk in stream:

@@ -202,7 +202,7 @@ def stream_step(ttft_ms: float, gap_ms: float, tokens: int, usage: bool = True,
 
 
 def _gap(truth: dict[str, Any]) -> float:
-    writes = truth["writes"]
+    writes: list[float] = truth["writes"]
     return (writes[-1] - writes[0]) / (len(writes) - 1)
 
 
