@@ -16,11 +16,21 @@ from typing import Any
 
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .routes import ALL
-from .sketch import LogHistogram, bucket_of
+from .sketch import (
+    INV_LOG_GAMMA,
+    MAX_VALUE,
+    MIN_VALUE,
+    NBUCKETS,
+    OFFSET,
+    LogHistogram,
+    bucket_of,
+)
 from .timefmt import iso_ms
 from .window import RollingHistogram, SubWindow
 
 log = logging.getLogger(__name__)
+_log = math.log
+_ceil = math.ceil
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999)
 QUANTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p999_ms")
 Key = tuple[str, bool]  # (route label, stream)
@@ -121,8 +131,14 @@ class Percentiles:
                 sub.max = seconds
 
     def add_key(self, key: Key, seconds: float) -> None:
-        """One value under ``key`` only (no ``*``: `merged` computes it when asked)."""
-        bucket = bucket_of(seconds)
+        """One value under ``key`` only (no ``*``: `merged` computes it when asked).
+        Per request: `sketch.bucket_of` inlined."""
+        if seconds <= MIN_VALUE:
+            bucket = 0
+        elif seconds >= MAX_VALUE:
+            bucket = NBUCKETS - 1
+        else:
+            bucket = _ceil(_log(seconds) * INV_LOG_GAMMA) - OFFSET
         sub = self._pending.get(key)
         if sub is None:
             sub = self._pending[key] = SubWindow()

@@ -360,7 +360,8 @@ class Proxy:
                     state.bytes_out += len(chunk)
                     await response.write(chunk)
                     before, last = last, chunk
-                state.usage = usage_of(before, last)
+                if before or b'"usage"' in last:  # one chunk without usage: nothing to read
+                    state.usage = usage_of(before, last)
             state.upstream_end = _perf()
         except ConnectionResetError:
             # the client went away mid-response; aiohttp finishes quietly with this
