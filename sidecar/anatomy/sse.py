@@ -12,8 +12,9 @@ question still open:
   are never parsed;
 - after it, nothing is parsed while streaming: an event counts as an output chunk
   when it mentions its shape's output key (a finish chunk with an empty delta does
-  not); an event that mentions a token count (``_tokens"``) is only remembered, and
-  the last one is parsed once, at the end.
+  not); any other event that mentions a token count (``_tokens"``) is only
+  remembered, and the last one is parsed once, at the end (a final usage chunk has no
+  output: ``"choices": []``, Anthropic's ``message_delta``).
 
 Recognised shapes (`SseScanner.shape`):
 - ``openai``: chat completions chunks (``choices[].delta.content`` / ``tool_calls`` /
@@ -90,11 +91,11 @@ class SseScanner:
             keys = _OUTPUT_KEYS[self.shape]
             key = keys[0]
             while end >= 0:
-                if find(b'_tokens"', pos, end) >= 0:  # usage: parsed once, at the end
-                    self._usage_event = buf[pos:end]
-                elif find(key, pos, end) >= 0 or _other_keys(buf, keys, pos, end):
+                if find(key, pos, end) >= 0 or _other_keys(buf, keys, pos, end):
                     self.chunks += 1
                     self.last_chunk_at = now
+                elif find(b'_tokens"', pos, end) >= 0:  # usage: parsed once, at the end
+                    self._usage_event = buf[pos:end]
                 pos = end + 2
                 end = find(b"\n\n", pos)
         while end >= 0:
