@@ -1,9 +1,10 @@
 """Events as Alertmanager alerts: the push API's shape and the webhook payload (v4).
 
 A breach is the alert ``LatencyBreach`` with labels route, stream, quantile, severity,
-instance (a fleet breach: the fleet's name, plus ``scope="fleet"``) and annotations
-value_ms, threshold_ms, window_s, samples. A slow request is
-a point-in-time ``SlowRequest`` alert (already resolved: startsAt = endsAt).
+instance (a fleet breach: the fleet's name, plus ``scope="fleet"``; ``metric`` for the
+ttft/tpot rules) and annotations value_ms, threshold_ms, window_s, samples,
+upstream_p95_ms, overhead_p95_ms, loop_lag_max_ms, cause. A slow request is a
+point-in-time ``SlowRequest`` alert (already resolved: startsAt = endsAt).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .events import BREACH, FLEET_SCOPE, RESOLVED, Event
+from .events import BREACH, FLEET_SCOPE, LATENCY, RESOLVED, Event
 from .timefmt import iso_ms
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "not ended"
@@ -32,12 +33,15 @@ def labels_of(event: Event) -> dict[str, str]:
         # fail-over still ends the alert its breach started
         labels["instance"] = event.fleet
         labels["scope"] = FLEET_SCOPE
+    if event.type in (BREACH, RESOLVED) and event.metric != LATENCY:
+        labels["metric"] = event.metric  # a ttft/tpot rule is its own alert
     return labels
 
 
 def annotations_of(event: Event) -> dict[str, str]:
     fields = event.fields()
-    keys = ("value_ms", "threshold_ms", "window_s", "samples", "request_id", "trace_id")
+    keys = ("value_ms", "threshold_ms", "window_s", "samples", "request_id", "trace_id",
+            "upstream_p95_ms", "overhead_p95_ms", "loop_lag_max_ms", "cause")  # fmt: skip
     return {k: fields[k] for k in keys if fields.get(k)}
 
 

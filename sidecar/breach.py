@@ -1,10 +1,17 @@
 """Breach detection: rules over the shortest rolling window, one event per state change.
 
-Each (route, stream, rule) has its own state. A breach starts when the percentile is
-above its threshold with at least `min_samples` requests in the window. It resolves
-when the percentile falls to or below ``threshold * (1 - HYSTERESIS)`` with enough
-samples, or when the window is empty (no traffic, no latency problem). Between the two
-lines the state holds, so a value hovering at the threshold does not flap.
+Each (route, stream, rule) has its own state. The rules: p95 -> warning and p99 ->
+critical over request latency (metric ``latency``), and, when configured, p95 ->
+warning over time to first token (``ttft``) and time per output token (``tpot``).
+A breach starts when the percentile is above its threshold with at least
+`min_samples` requests in the window. It resolves when the percentile falls to or
+below ``threshold * (1 - HYSTERESIS)`` with enough samples, or when the window is
+empty (no traffic, no latency problem). Between the two lines the state holds, so a
+value hovering at the threshold does not flap.
+
+Every breach and resolved event carries the anatomy of its window and route: upstream
+and overhead p95, the worst event-loop lag, and the `anatomy.cause.cause_of` verdict
+(a resolved event keeps the cause of the breach it ends).
 
 `SlowRequests` is the hot-path observer for single slow requests, rate limited so a
 slow upstream cannot flood the sinks. The client's `X-Request-Id` enters its event
@@ -19,12 +26,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .anatomy.cause import cause_of
+from .anatomy.observer import Anatomy
 from .config import Settings
-from .events import BREACH, RESOLVED, SLOW_REQUEST, Event, EventBus
+from .events import BREACH, LATENCY, RESOLVED, SLOW_REQUEST, Event, EventBus
 from .metrics import Metrics
-from .percentiles import Percentiles
+from .percentiles import Percentiles, Snapshot, WindowStats
 from .printable import untrusted
 from .record import CLIENT_DISCONNECT, TimingRecord
+from .routes import ALL
+from .runtime.looplag import LoopLag
 from .timefmt import iso_ms
 
 log = logging.getLogger(__name__)
@@ -38,6 +49,7 @@ class Rule:
     name: str  # "p95"
     severity: str
     threshold_ms: float
+    metric: str = LATENCY
 
 
 @dataclass(slots=True)
@@ -53,6 +65,8 @@ class Active:
             "stream": e.stream,
             "quantile": e.quantile,
             "severity": e.severity,
+            "metric": e.metric,
+            "cause": e.cause,
             "since": iso_ms(e.ts),
             "value_ms": round(self.value_ms, 1),
             "threshold_ms": e.threshold_ms,
@@ -63,8 +77,9 @@ class Active:
 
 class BreachDetector:
     def __init__(
-        self, settings: Settings, percentiles: Percentiles, bus: EventBus, metrics: Metrics
-    ) -> None:
+        self, settings: Settings, percentiles: Percentiles, bus: EventBus, metrics: Metrics,
+        anatomy: Anatomy | None = None, lag: LoopLag | None = None,
+    ) -> None:  # fmt: skip
         self._p = percentiles
         self._bus = bus
         self._metrics = metrics
@@ -76,16 +91,34 @@ class BreachDetector:
             Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
             Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
         )
-        self.active: dict[tuple[str, bool, str], Active] = {}
+        self._anatomy = anatomy
+        self._lag = lag
+        self.anatomy_rules: list[tuple[Percentiles, Rule]] = []
+        if anatomy is not None:
+            for windows, metric, threshold in (
+                (anatomy.ttft, "ttft", settings.ttft_p95_threshold_ms),
+                (anatomy.tpot, "tpot", settings.tpot_p95_threshold_ms),
+            ):
+                if threshold is not None:
+                    rule = Rule(0.95, "p95", "warning", threshold, metric)
+                    self.anatomy_rules.append((windows, rule))
+        self.active: dict[tuple[str, bool, str, str], Active] = {}
 
     def evaluate(self) -> list[Event]:
         """Judge every route and `*` once; publish and return the state changes."""
-        snap = self._p.snapshot()
         raised: list[Event] = []
+        self._judge(self._p.snapshot(), self.rules, raised)
+        for windows, rule in self.anatomy_rules:
+            self._judge(windows.snapshot(), (rule,), raised)
+        for event in raised:
+            self._bus.publish(event)
+        return raised
+
+    def _judge(self, snap: Snapshot, rules: tuple[Rule, ...], raised: list[Event]) -> None:
         for (route, stream), per_window in snap.stats.items():
             stats = per_window[self._window]
-            for rule in self.rules:
-                key = (route, stream, rule.name)
+            for rule in rules:
+                key = (route, stream, rule.metric, rule.name)
                 current = self.active.get(key)
                 value_ms = stats.value(rule.quantile) * 1000 if stats.count else 0.0
                 if current is None:
@@ -100,20 +133,34 @@ class BreachDetector:
                     del self.active[key]
                     event = self._event(
                         RESOLVED, rule, route, stream, value_ms, stats.count,
-                        started_at=current.event.ts,
+                        started_at=current.event.ts, cause=current.event.cause,
                     )  # fmt: skip
                     self._gauge(event, 0)
                     raised.append(event)
                 else:
                     current.value_ms, current.samples = value_ms, stats.count
-        for event in raised:
-            self._bus.publish(event)
-        return raised
+
+    def _p95_ms(self, windows: Percentiles, route: str, stream: bool) -> float | None:
+        if route == ALL:  # kept per route only (anatomy/observer.py): merged here
+            stats: WindowStats | None = windows.merged(stream, self._window)
+        else:
+            per_window = windows.snapshot().stats.get((route, stream))
+            stats = per_window.get(self._window) if per_window else None
+        return stats.value(0.95) * 1000 if stats is not None and stats.count else None
 
     def _event(
         self, kind: str, rule: Rule, route: str, stream: bool, value_ms: float, samples: int,
-        started_at: float | None = None,
+        started_at: float | None = None, cause: str | None = None,
     ) -> Event:  # fmt: skip
+        upstream_ms = overhead_ms = lag_ms = None
+        if self._anatomy is not None:
+            upstream_ms = self._p95_ms(self._anatomy.upstream, route, stream)
+            overhead_ms = self._p95_ms(self._anatomy.overhead, route, stream)
+        if self._lag is not None:
+            lag_ms = self._lag.max_over(self._window) * 1000
+        if cause is None:
+            cause = cause_of(rule.metric, value_ms, upstream_ms or 0.0, overhead_ms or 0.0,
+                             lag_ms or 0.0)  # fmt: skip
         return Event(
             type=kind,
             severity=rule.severity,
@@ -127,12 +174,18 @@ class BreachDetector:
             instance=self._instance,
             ts=time.time(),
             started_at=started_at,
+            metric=rule.metric,
+            upstream_p95_ms=upstream_ms,
+            overhead_p95_ms=overhead_ms,
+            loop_lag_max_ms=lag_ms,
+            cause=cause,
         )
 
     def _gauge(self, event: Event, value: int) -> None:
         self._metrics.breach_active.labels(
-            event.route, "true" if event.stream else "false", event.quantile, event.severity
-        ).set(value)
+            event.route, "true" if event.stream else "false", event.quantile, event.severity,
+            event.metric,
+        ).set(value)  # fmt: skip
 
     def active_json(self) -> list[dict[str, Any]]:
         return [a.as_json() for a in self.active.values()]

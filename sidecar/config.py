@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     windows_s: Annotated[list[int], NoDecode] = [60, 300]
     p95_threshold_ms: float = Field(100.0, gt=0)
     p99_threshold_ms: float = Field(250.0, gt=0)
+    ttft_p95_threshold_ms: float | None = Field(None, gt=0)  # empty = rule off
+    tpot_p95_threshold_ms: float | None = Field(None, gt=0)
     min_samples: int = Field(20, ge=1)
     eval_interval_s: float = Field(5.0, gt=0)
     slow_request_ms: float = Field(1000.0, gt=0)
@@ -122,6 +124,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upstream(cls, v: str) -> str:
         return _check_http_url(v)
+
+    @field_validator("ttft_p95_threshold_ms", "tpot_p95_threshold_ms", mode="before")
+    @classmethod
+    def _optional_ms(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("alertmanager_url", "redis_url")
     @classmethod

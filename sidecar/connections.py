@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -37,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from .responses import PlainResponse
 
 log = logging.getLogger(__name__)
+_perf = time.perf_counter
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -59,9 +61,15 @@ class _Refused(asyncio.Protocol):
 
 
 class GuardedHandler(RequestHandler):
-    """aiohttp's connection handler plus a request-head deadline."""
+    """aiohttp's connection handler plus a request-head deadline.
 
-    __slots__ = ("_guard", "_head_timer", "_stall_mark", "_stall_since")
+    ``head_at`` is when the read that completed the latest request head happened
+    (`time.perf_counter`): the earliest the process sees a request. The proxy's handler
+    runs later, after whatever else the event loop had queued; it takes its start
+    from here. (Pipelined heads read separately before the first one's handler starts
+    share the latest time: later than the truth, never earlier.)"""
+
+    __slots__ = ("_guard", "_head_timer", "_stall_mark", "_stall_since", "head_at")
 
     def __init__(self, guard: GuardedServer, **kwargs: Any) -> None:
         super().__init__(guard, **kwargs)
@@ -69,6 +77,7 @@ class GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._stall_mark = 0
         self._stall_since = 0.0
+        self.head_at: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -88,9 +97,11 @@ class GuardedHandler(RequestHandler):
         )
 
     def data_received(self, data: bytes) -> None:
+        now = _perf()
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:  # a complete head arrived
+            self.head_at = now
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None

@@ -24,9 +24,13 @@ BREACH, RESOLVED, SLOW_REQUEST = "breach", "resolved", "slow_request"
 FIELDS = (
     "event_id", "type", "severity", "route", "stream", "quantile", "window_s",
     "value_ms", "threshold_ms", "samples", "instance", "ts", "request_id", "trace_id",
+    # latency anatomy: breach and resolved events only
+    "metric", "upstream_p95_ms", "overhead_p95_ms", "loop_lag_max_ms", "cause",
+    # every event: instance or fleet scope
     "scope", "fleet", "instances",
 )  # fmt: skip
 INSTANCE_SCOPE, FLEET_SCOPE = "instance", "fleet"
+LATENCY = "latency"  # the metric of the p95/p99 rules; anatomy adds "ttft" and "tpot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,11 @@ class Event:
     trace_id: str = ""
     event_id: str = field(default_factory=new_id)
     started_at: float | None = None  # resolved: when its breach started (not a field)
+    metric: str = LATENCY
+    upstream_p95_ms: float | None = None
+    overhead_p95_ms: float | None = None
+    loop_lag_max_ms: float | None = None
+    cause: str = ""
     scope: str = INSTANCE_SCOPE  # "fleet": judged on the fleet window (SIDECAR_BREACH_SCOPE)
     fleet: str = ""  # fleet events: the fleet's name
     instances: int | None = None  # fleet events: how many sidecars contributed
@@ -70,6 +79,12 @@ class Event:
             out["request_id"] = self.request_id
             if self.trace_id:
                 out["trace_id"] = self.trace_id
+        else:
+            out["metric"] = self.metric
+            out["upstream_p95_ms"] = _ms(self.upstream_p95_ms)
+            out["overhead_p95_ms"] = _ms(self.overhead_p95_ms, 3)
+            out["loop_lag_max_ms"] = _ms(self.loop_lag_max_ms)
+            out["cause"] = self.cause
         out["scope"] = self.scope
         out["fleet"] = self.fleet
         out["instances"] = "" if self.instances is None else str(self.instances)
@@ -83,12 +98,20 @@ class Event:
         doc["threshold_ms"] = self.threshold_ms
         doc["window_s"] = self.window_s
         doc["samples"] = self.samples
+        if self.type != SLOW_REQUEST:
+            for key in ("upstream_p95_ms", "overhead_p95_ms", "loop_lag_max_ms"):
+                doc[key] = None if doc[key] == "" else float(doc[key])
         doc["instances"] = self.instances
         return doc
 
     @property
-    def rule_key(self) -> tuple[str, bool, str, str]:
-        return (self.route, self.stream, self.quantile, self.severity)
+    def rule_key(self) -> tuple[str, bool, str, str, str]:
+        return (self.route, self.stream, self.quantile, self.severity, self.metric)
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    """Empty when not measured (no sample in the window)."""
+    return "" if value is None or value != value else f"{value:.{digits}f}"
 
 
 class Sink(Protocol):

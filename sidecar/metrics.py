@@ -83,8 +83,8 @@ class Metrics:
         )
         self.breach_active = Gauge(
             "sidecar_breach_active",
-            "1 while a latency breach is active.",
-            ["route", "stream", "quantile", "severity"],
+            "1 while a latency breach is active (metric: latency, ttft, tpot).",
+            ["route", "stream", "quantile", "severity", "metric"],
             registry=reg,
         )
         self.events = Counter(

@@ -17,11 +17,21 @@ from typing import Any
 
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .routes import ALL
-from .sketch import bucket_of
+from .sketch import (
+    INV_LOG_GAMMA,
+    MAX_VALUE,
+    MIN_VALUE,
+    NBUCKETS,
+    OFFSET,
+    LogHistogram,
+    bucket_of,
+)
 from .timefmt import iso_ms
 from .window import RollingHistogram, SubWindow
 
 log = logging.getLogger(__name__)
+_log = math.log
+_ceil = math.ceil
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999)
 QUANTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p999_ms")
 Key = tuple[str, bool]  # (route label, stream)
@@ -89,6 +99,9 @@ class Percentiles:
         self._fresh = False  # computed since the last tick
         # called by `tick` with the sub-windows it closed (the fleet view shares them)
         self.tick_hooks: list[Callable[[Mapping[Key, SubWindow]], None]] = []
+        # windows of other values that must advance with these, in the same tick
+        # (anatomy/: time to first token, per output token, upstream, overhead)
+        self.linked: list[Percentiles] = []
 
     def observe(self, record: TimingRecord) -> None:
         if record.error == CLIENT_DISCONNECT:
@@ -108,8 +121,58 @@ class Percentiles:
             if seconds > sub.max:
                 sub.max = seconds
 
+    def add(self, route: str, stream: bool, seconds: float) -> None:
+        """One value of another kind than a record's latency, under (route, stream)
+        and (``*``, stream)."""
+        bucket = bucket_of(seconds)
+        pending = self._pending
+        for key in ((route, stream), (ALL, stream)):
+            sub = pending.get(key)
+            if sub is None:
+                sub = pending[key] = SubWindow()
+            counts = sub.counts
+            counts[bucket] = counts.get(bucket, 0) + 1
+            sub.count += 1
+            if seconds > sub.max:
+                sub.max = seconds
+
+    def add_key(self, key: Key, seconds: float) -> None:
+        """One value under ``key`` only (no ``*``: `merged` computes it when asked).
+        Per request: `sketch.bucket_of` inlined."""
+        if seconds <= MIN_VALUE:
+            bucket = 0
+        elif seconds >= MAX_VALUE:
+            bucket = NBUCKETS - 1
+        else:
+            bucket = _ceil(_log(seconds) * INV_LOG_GAMMA) - OFFSET
+        sub = self._pending.get(key)
+        if sub is None:
+            sub = self._pending[key] = SubWindow()
+        counts = sub.counts
+        counts[bucket] = counts.get(bucket, 0) + 1
+        sub.count += 1
+        if seconds > sub.max:
+            sub.max = seconds
+
+    def merged(self, stream: bool, window_s: int) -> WindowStats:
+        """Percentiles of every route's window of one kind together (for values kept
+        with `add_key`): the ``*`` view, computed on demand."""
+        total = LogHistogram()
+        for (route, kind), windows in self._windows.items():
+            if kind != stream or route == ALL:
+                continue
+            for window in windows:
+                if window.window_s == window_s and not window.empty:
+                    total.merge(window.totals)
+                    total.max = max(total.max, window.max)
+        if not total.count:
+            return EMPTY
+        return WindowStats(total.count, tuple(total.quantiles(QUANTILES)), total.max)
+
     def tick(self) -> None:
         """Close the current sub-window: push it into every rolling window."""
+        for other in self.linked:
+            other.tick()
         pending, self._pending = self._pending, {}
         totals = self._totals
         for key, sub in pending.items():

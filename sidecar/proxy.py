@@ -26,6 +26,8 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_writer import StreamWriter
 
+from .anatomy.sse import SseScanner
+from .anatomy.usage import usage_of
 from .forwarding import (
     EXPECT,
     X_REQUEST_ID,
@@ -172,6 +174,11 @@ class Proxy:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         start = _perf()
         wall = _wall()
+        # when the head was read (connections.GuardedHandler): under load the handler
+        # starts later, and that wait is the sidecar's own time too
+        head_at = getattr(request.protocol, "head_at", None)
+        if head_at is not None and head_at < start:
+            start = head_at
         self.in_flight += 1
         headers = request.headers
         client_id = headers.get(X_REQUEST_ID)
@@ -202,6 +209,15 @@ class Proxy:
             else:
                 first_byte_at = state.first_byte_at
                 stream = state.stream
+                scanner = state.scanner
+                if scanner is not None:
+                    first_token_at, output_tokens, input_tokens, per_token = scanner.result(
+                        first_byte_at
+                    )
+                else:
+                    first_token_at = per_token = None
+                    usage = state.usage
+                    output_tokens, input_tokens = (None, None) if usage is None else usage
                 # positional, in field order: keyword construction of a NamedTuple costs
                 # ~1 µs more per request (measured); tests/test_proxy.py checks the fields
                 self._emit(
@@ -223,6 +239,10 @@ class Proxy:
                         trace_id_of(headers.get("traceparent")),
                         state.error,
                         latency_of(start, first_byte_at, end, stream),
+                        first_token_at,
+                        per_token,
+                        output_tokens,
+                        input_tokens,
                     )
                 )
 
@@ -350,11 +370,19 @@ class Proxy:
             response.force_close()
         try:
             await response.prepare(request)
-            async for chunk in upstream.body.iter_any():
-                if state.first_byte_at is None:
-                    state.first_byte_at = _perf()
-                state.bytes_out += len(chunk)
-                await response.write(chunk)
+            if stream:
+                await self._relay_stream(upstream.body, response, state)
+            else:
+                # the last two chunks, by reference: the tail that holds a JSON `usage`
+                before = last = b""
+                async for chunk in upstream.body.iter_any():
+                    if state.first_byte_at is None:
+                        state.first_byte_at = _perf()
+                    state.bytes_out += len(chunk)
+                    await response.write(chunk)
+                    before, last = last, chunk
+                if before or b'"usage"' in last:  # one chunk without usage: nothing to read
+                    state.usage = usage_of(before, last)
             state.upstream_end = _perf()
         except ConnectionResetError:
             # the client went away mid-response; aiohttp finishes quietly with this
@@ -375,6 +403,25 @@ class Proxy:
         self._pool.release(connection)
         await response.write_eof()
         return response
+
+    async def _relay_stream(
+        self, body: aiohttp.StreamReader, response: _ProxyResponse, state: _RequestState
+    ) -> None:
+        """A text/event-stream body, chunk by chunk as it arrives, scanned for its
+        first token, output chunks and usage (anatomy/sse.py)."""
+        scanner = state.scanner = SseScanner()
+        feed = scanner.feed
+        async for chunk in body.iter_any():
+            now = _perf()
+            if state.first_byte_at is None:
+                state.first_byte_at = now
+            try:
+                feed(chunk, now)
+            except Exception:  # a scanner bug must never break proxied traffic
+                log.exception("SSE scanner failed")
+                feed = _ignore
+            state.bytes_out += len(chunk)
+            await response.write(chunk)
 
     def _check_old_version(
         self, request: web.BaseRequest, state: _RequestState
@@ -425,6 +472,10 @@ class Proxy:
         state.timer = self._loop.call_later(self._timeout, self._expire, task, state)
 
 
+def _ignore(chunk: bytes, now: float) -> None:
+    pass
+
+
 class _RequestState:
     """Mutable scratch state of one request; frozen into a TimingRecord at the end."""
 
@@ -436,6 +487,7 @@ class _RequestState:
         "headers_at",
         "progress_mark",
         "reading_client",
+        "scanner",
         "sent_at",
         "status",
         "stream",
@@ -443,6 +495,7 @@ class _RequestState:
         "timer",
         "uploading",
         "upstream_end",
+        "usage",
     )
 
     def __init__(self) -> None:
@@ -460,3 +513,5 @@ class _RequestState:
         self.reading_client = False
         self.progress_mark = 0
         self.timer: asyncio.TimerHandle
+        self.scanner: SseScanner | None = None  # streams: the anatomy of the answer
+        self.usage: tuple[int | None, int | None] | None = None  # unary: reported tokens

@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 class TimingRecord(NamedTuple):
     """Immutable; times are `time.perf_counter()` seconds, `wall` is `time.time()`."""
 
-    start: float
+    start: float  # the request's head was read (as early as the process sees it)
     sent_at: float | None  # request handed to the upstream connection
     headers_at: float | None  # upstream response headers arrived
     upstream_end: float | None  # upstream response body fully read
@@ -33,6 +33,13 @@ class TimingRecord(NamedTuple):
     # What percentiles, breaches and the duration histogram use: time to first body
     # byte for streams, else the total. Computed once by `latency_of`.
     latency: float
+    # Latency anatomy (sidecar/anatomy/): streams only, the first output event's arrival
+    # (the first body byte when none can be told apart); time per output token, or
+    # per output chunk without usage; tokens when the answer reported usage.
+    first_token_at: float | None = None
+    time_per_token: float | None = None
+    output_tokens: int | None = None
+    input_tokens: int | None = None
 
 
 def latency_of(start: float, first_byte_at: float | None, end: float, stream: bool) -> float:

@@ -23,6 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from .admin import UpstreamProbe, build_admin_app
+from .anatomy.metrics import AnatomyMetrics
+from .anatomy.observer import Anatomy, percentiles_document
 from .breach import BreachDetector, SlowRequests
 from .config import Settings, redact_url
 from .connections import GuardedAppRunner, GuardedServer, Limits
@@ -56,8 +58,13 @@ class Sidecar:
         self.labeler = RouteLabeler(s.routes, s.max_routes)
         self.metrics = Metrics(s.buckets_s)
         self.percentiles = Percentiles(s.windows_s)
+        self.anatomy = Anatomy(s.windows_s, AnatomyMetrics(self.metrics, s.buckets_s))
+        self.anatomy.link(self.percentiles)
+        self.loop_lag = LoopLag()
         self.bus = EventBus(self.metrics, build_sinks(s, self.metrics))
-        self.detector = BreachDetector(s, self.percentiles, self.bus, self.metrics)
+        self.detector = BreachDetector(
+            s, self.percentiles, self.bus, self.metrics, self.anatomy, self.loop_lag
+        )
         self.fleet = Fleet(s, self.percentiles, self.bus, self.metrics) if s.fleet else None
         self.proxy = Proxy(
             s.upstream_url,
@@ -66,6 +73,7 @@ class Sidecar:
                 self.percentiles,
                 RequestMetrics(self.metrics),
                 SlowRequests(s, self.bus, self.metrics),
+                self.anatomy,
             ],
             upstream_timeout_s=s.upstream_timeout_s,
             client_idle_timeout_s=s.client_idle_timeout_s,
@@ -74,7 +82,6 @@ class Sidecar:
         self.metrics.in_flight.set_function(lambda: self.proxy.in_flight)
         self.metrics.websocket_active.set_function(lambda: len(self.proxy.tunnels))
         self.metrics.registry.register(QuantileCollector(lambda: self.percentiles.last_snapshot))
-        self.loop_lag = LoopLag()
         self.runtime = RuntimeStats(
             Target(s.target_pid, s.target_name), self.loop_lag, lambda: self.proxy.in_flight
         )
@@ -102,7 +109,9 @@ class Sidecar:
             lambda: self.proxy.draining,
             self.probe,
             json_views={
-                "/percentiles": lambda: self.percentiles.snapshot().as_json(),
+                "/percentiles": lambda: percentiles_document(
+                    self.percentiles.snapshot(), self.anatomy, self.loop_lag
+                ),
                 "/breaches": lambda: {
                     "active": self.detector.active_json(),
                     "recent": self.bus.recent_json(),

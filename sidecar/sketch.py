@@ -16,10 +16,10 @@ from itertools import accumulate
 
 RELATIVE_ACCURACY = 0.01
 GAMMA = (1 + RELATIVE_ACCURACY) / (1 - RELATIVE_ACCURACY)
-_INV_LOG_GAMMA = 1.0 / math.log(GAMMA)
+INV_LOG_GAMMA = _INV_LOG_GAMMA = 1.0 / math.log(GAMMA)
 MIN_VALUE = 1e-5  # 10 µs
 MAX_VALUE = 3600.0  # 1 h
-_OFFSET = math.ceil(math.log(MIN_VALUE) * _INV_LOG_GAMMA)
+OFFSET = _OFFSET = math.ceil(math.log(MIN_VALUE) * _INV_LOG_GAMMA)
 NBUCKETS = math.ceil(math.log(MAX_VALUE) * _INV_LOG_GAMMA) - _OFFSET + 1
 _LAST = NBUCKETS - 1
 _REPRESENTATIVE = [2 * GAMMA ** (i + _OFFSET) / (GAMMA + 1) for i in range(NBUCKETS)]

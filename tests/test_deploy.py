@@ -265,6 +265,12 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
                         await r.read()
                     async with client.get(f"http://127.0.0.1:{dead.proxy_port}/x") as r:
                         await r.read()
+                    async with client.post(  # an LLM stream: tokens, TTFT, TPOT
+                        base + "/llm/chat/completions",
+                        json={"stream": True, "stream_options": {"include_usage": True}},
+                        headers={"X-Test-TTFT-Ms": "5", "X-Test-Gap-Ms": "1"},
+                    ) as r:
+                        await r.read()
                     i += 1
 
             drivers = [asyncio.create_task(drive()) for _ in range(4)]

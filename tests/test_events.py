@@ -125,8 +125,8 @@ async def test_one_event_per_state_change_with_every_field(upstream, make_sideca
     }
     assert len(breaches["recent"]) == 12
     assert (
-        'sidecar_breach_active{quantile="p99",route="/sleep/{id}",severity="critical",'
-        'stream="false"} 1.0' in metrics
+        'sidecar_breach_active{metric="latency",quantile="p99",route="/sleep/{id}",'
+        'severity="critical",stream="false"} 1.0' in metrics
     )
     assert 'sidecar_events_total{severity="warning",type="breach"} 4.0' in metrics
     assert 'sidecar_event_deliveries_total{result="ok",sink="redis"}' in metrics
@@ -376,7 +376,11 @@ async def test_alertmanager_webhook_format_for_breaches(upstream, make_sidecar):
         "quantile": alert["labels"]["quantile"], "severity": alert["labels"]["severity"],
         "instance": "test-pod",
     }  # fmt: skip
-    assert set(alert["annotations"]) == {"value_ms", "threshold_ms", "window_s", "samples"}
+    assert set(alert["annotations"]) == {
+        "value_ms", "threshold_ms", "window_s", "samples",
+        # latency anatomy (loop lag is always measured; no metric label for latency rules)
+        "upstream_p95_ms", "overhead_p95_ms", "loop_lag_max_ms", "cause",
+    }  # fmt: skip
     assert alert["endsAt"] == "0001-01-01T00:00:00Z"
 
 
@@ -407,7 +411,10 @@ async def test_alertmanager_receives_and_resolves(upstream, make_sidecar, alertm
         }  # fmt: skip
         assert labels["p99"]["severity"] == "critical"
         ann = got[0]["annotations"]
-        assert set(ann) == {"value_ms", "threshold_ms", "window_s", "samples"}
+        assert set(ann) == {
+            "value_ms", "threshold_ms", "window_s", "samples",
+            "upstream_p95_ms", "overhead_p95_ms", "loop_lag_max_ms", "cause",
+        }  # fmt: skip
         assert all(a["status"]["state"] == "active" for a in got)
 
         await traffic(client, base, FAST, n=60)

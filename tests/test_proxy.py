@@ -290,9 +290,22 @@ async def test_timing_record(proxied):
     assert rec.first_byte_at <= rec.upstream_end <= rec.end
     assert abs(rec.wall - time.time()) < 60
     assert rec.latency == rec.end - rec.start
+    # latency anatomy: a unary answer without usage has none of it
+    assert rec.first_token_at is None and rec.time_per_token is None
+    assert rec.output_tokens is None and rec.input_tokens is None
     with pytest.raises(AttributeError):
         rec.status = 500
     assert json.dumps(rec._asdict())
+    # a stream with usage: each anatomy field in its place
+    body = {"messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"X-Test-TTFT-Ms": "50", "X-Test-Gap-Ms": "5", "X-Test-Tokens": "3"}
+    async with client.post(f"{base}/llm/chat/completions", json=body, headers=headers) as r:
+        await r.read()
+    stream = (await records.wait_for(2))[1]
+    assert stream.stream and stream.latency == stream.first_byte_at - stream.start
+    assert stream.first_byte_at + 0.04 < stream.first_token_at <= stream.upstream_end
+    assert stream.output_tokens == 3 and stream.input_tokens == 2  # len("[]")
+    assert 0.004 < stream.time_per_token < 0.05
 
 
 async def test_proxy_adds_no_headers_of_its_own(proxied):

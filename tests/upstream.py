@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +27,7 @@ class Upstream:
         self.sse_gate = asyncio.Event()
         self.delays: list[float] = []
         self.durations: list[float] = []  # the upstream's own handling time of /sleep
+        self.llm: list[dict[str, Any]] = []  # /llm streams: when each part was written
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
@@ -44,6 +46,7 @@ class Upstream:
         r.add_get("/status/{code}", self.status)
         r.add_get("/sleep/{ms}", self.sleep)
         r.add_get("/slow-stream/{ms}", self.slow_stream)
+        r.add_post("/llm/chat/completions", self.llm_chat)
         r.add_route("*", "/v1/{tail:(?s:.*)}", self.sleep_default)  # any byte, even %0a
         return app
 
@@ -199,6 +202,118 @@ class Upstream:
         if delay:
             await asyncio.sleep(delay)
         return web.json_response({"ok": True})
+
+    async def llm_chat(self, request: web.Request) -> web.StreamResponse:
+        """An OpenAI-compatible chat completion. Streams: a `: ping` and a role-only
+        chunk at once, then ``X-Test-TTFT-Ms`` later the first of ``X-Test-Tokens``
+        content chunks, ``X-Test-Gap-Ms`` apart, the usage chunk when
+        ``stream_options.include_usage`` asks for it, ``[DONE]``. ``X-Test-Shape:
+        anthropic`` answers with Messages API events instead. Unary: a body of
+        ``X-Test-Body-Kb`` KiB whose usage straddles two writes."""
+        body = await request.json()
+        h = request.headers
+        ttft = float(h.get("X-Test-TTFT-Ms", "200")) / 1000
+        gap = float(h.get("X-Test-Gap-Ms", "30")) / 1000
+        n = int(h.get("X-Test-Tokens", "10"))
+        prompt = len(json.dumps(body.get("messages", [])))  # a deterministic "token" count
+        if not body.get("stream"):
+            return await self._llm_unary(request, n, prompt, int(h.get("X-Test-Body-Kb", "8")))
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        truth: dict[str, Any] = {"n": n, "prompt": prompt, "writes": [], "arrived": arrived}
+        self.llm.append(truth)
+        anthropic = h.get("X-Test-Shape") == "anthropic"
+        if anthropic:
+            start = {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_1",
+                    "role": "assistant",
+                    "content": [],
+                    "usage": {"input_tokens": prompt, "output_tokens": 1},
+                },
+            }
+            await resp.write(b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n")
+            await resp.write(
+                b'event: content_block_start\ndata: {"type": "content_block_start",'
+                b' "index": 0, "content_block": {"type": "text", "text": ""}}\n\n'
+            )
+            await resp.write(b'event: ping\ndata: {"type": "ping"}\n\n')
+        else:
+            await resp.write(b": ping\n\n")
+            await resp.write(_chunk({"role": "assistant", "content": ""}))
+        await asyncio.sleep(ttft)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(gap)
+            if anthropic:
+                delta = {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": f"tok{i} "},
+                }
+                data = b"event: content_block_delta\ndata: " + json.dumps(delta).encode() + b"\n\n"
+            else:
+                data = _chunk({"content": f"tok{i} "})
+            truth["writes"].append(loop.time())
+            await resp.write(data)
+        if anthropic:
+            end = {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": n},
+            }
+            await resp.write(b'event: content_block_stop\ndata: {"type": "content_block_stop"}\n\n')
+            await resp.write(b"event: message_delta\ndata: " + json.dumps(end).encode() + b"\n\n")
+            await resp.write(b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
+        else:
+            await resp.write(_chunk({}, finish="stop"))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": n,
+                    "total_tokens": prompt + n,
+                }
+                await resp.write(_chunk(None, usage=usage))
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _llm_unary(
+        self, request: web.Request, n: int, prompt: int, kb: int
+    ) -> web.StreamResponse:
+        doc = {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": "x" * (kb * 1024)}}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": n,
+                      "total_tokens": prompt + n},
+            "system_fingerprint": "fp_test",
+        }  # fmt: skip
+        raw = json.dumps(doc).encode()
+        cut = raw.rfind(b'"usage"') + 3  # the key split over two writes
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(raw)
+        await resp.prepare(request)
+        for part in (raw[: cut - 1000], raw[cut - 1000 : cut], raw[cut:]):
+            await resp.write(part)
+            await asyncio.sleep(0.005)  # separate reads on the proxy's side
+        await resp.write_eof()
+        return resp
+
+
+def _chunk(
+    delta: dict[str, Any] | None, finish: str | None = None, usage: dict[str, int] | None = None
+) -> bytes:
+    doc: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
+                           "model": "m", "choices": [], "usage": usage}  # fmt: skip
+    if delta is not None:
+        doc["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
 
 
 async def _serve_forever() -> None:

@@ -94,7 +94,9 @@ class DemoGateway:
             return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
         model = body.get("model", MODELS[0])
         if body.get("stream"):
-            return await self._chat_stream(request, model)
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            return await self._chat_stream(request, model, usage)
         await asyncio.sleep(self._delay(35, 0.3) * self.slowdown())
         if (failure := self._maybe_fail()) is not None:
             return failure
@@ -115,27 +117,46 @@ class DemoGateway:
             }
         )
 
-    async def _chat_stream(self, request: web.Request, model: str) -> web.StreamResponse:
-        await asyncio.sleep(self._delay(30, 0.3) * self.slowdown())  # time to first token
+    async def _chat_stream(
+        self, request: web.Request, model: str, include_usage: bool
+    ) -> web.StreamResponse:
+        """Like a real gateway: headers, a `: ping` keep-alive and the role-only chunk at
+        once, the first token after a "time to first token", the usage chunk last when
+        ``stream_options.include_usage`` asks for it."""
+        ttft = self._delay(30, 0.3) * self.slowdown()
         if (failure := self._maybe_fail()) is not None:
+            await asyncio.sleep(ttft)
             return failure
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         words = ["Streaming", "tokens", "one", "by", "one", "from", "the", "demo", "gateway"]
+
+        def chunk(
+            delta: dict[str, str] | None, finish: str | None = None, usage: object = None
+        ) -> bytes:
+            choices = [] if delta is None else [{"index": 0, "delta": delta,
+                                                 "finish_reason": finish}]  # fmt: skip
+            doc: dict[str, object] = {"id": cid, "object": "chat.completion.chunk",
+                                      "model": model, "choices": choices}  # fmt: skip
+            if include_usage:  # null in every chunk but the last, as OpenAI sends it
+                doc["usage"] = usage
+            return f"data: {json.dumps(doc)}\n\n".encode()
+
         try:
             await resp.prepare(request)
-            for i in range(self.rng.randint(8, 24)):
-                delta = {"content": words[i % len(words)] + " "}
-                chunk = {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta}],
-                }
-                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await resp.write(b": ping\n\n")
+            await resp.write(chunk({"role": "assistant", "content": ""}))
+            await asyncio.sleep(ttft)  # time to first token
+            n = self.rng.randint(8, 24)
+            for i in range(n):
+                await resp.write(chunk({"content": words[i % len(words)] + " "}))
                 await asyncio.sleep(_lognormal_s(self.rng, 15, 0.3))
+            await resp.write(chunk({}, finish="stop"))
+            if include_usage:
+                usage = {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n}
+                await resp.write(chunk(None, usage=usage))
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionResetError:  # the client stopped reading: nothing to finish
             return resp

@@ -30,7 +30,9 @@ class Traffic:
                 async with session.post(f"{self.base}/v1/embeddings", json=EMBED) as r:
                     await r.read()
             else:
-                body = {**CHAT, "stream": True}
+                body: dict[str, object] = {**CHAT, "stream": True}
+                if self.rng.random() < 0.5:  # usage in a last chunk, as OpenAI's API offers
+                    body["stream_options"] = {"include_usage": True}
                 async with session.post(f"{self.base}/v1/chat/completions", json=body) as r:
                     async for _ in r.content:  # read the stream to its end
                         pass

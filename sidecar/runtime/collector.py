@@ -1,4 +1,5 @@
-"""`sidecar_target_*` and `sidecar_event_loop_lag_seconds`, read at scrape time."""
+"""`sidecar_target_*`, `sidecar_event_loop_lag_seconds` and the listen-queue counters,
+read at scrape time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .netstat import listen_queue
 from .stats import RuntimeStats
 
 
@@ -26,6 +28,17 @@ class RuntimeCollector(Collector):
         lag.add_metric(["current"], self._stats.lag.current)
         lag.add_metric(["1m_max"], self._stats.lag.max_1m)
         yield lag
+        queue = listen_queue()
+        if queue is not None:
+            for name, doc, value in (
+                ("sidecar_listen_overflows", "Connections the kernel's accept queue had no "
+                 "room for (TcpExt ListenOverflows of the network namespace).", queue[0]),
+                ("sidecar_listen_drops", "Connection requests dropped at a listening socket "
+                 "(TcpExt ListenDrops of the network namespace).", queue[1]),
+            ):  # fmt: skip
+                counter = CounterMetricFamily(name, doc)
+                counter.add_metric([], float(value))
+                yield counter
         sampled = self._stats.sample().get("target")
         if sampled is None:  # no target configured: no sidecar_target_* series at all
             return

@@ -43,7 +43,7 @@ class AlertmanagerSink(QueuedSink):
         self.url = base_url.rstrip("/") + "/api/v2/alerts"
         self._session: aiohttp.ClientSession | None = None
         self.resend_s = resend_s
-        self.firing: dict[tuple[str, bool, str, str], Event] = {}
+        self.firing: dict[tuple[str, bool, str, str, str], Event] = {}
 
     def enqueue(self, event: Event) -> None:
         if event.type == BREACH:

@@ -1,0 +1,95 @@
+"""The anatomy observer: what a request's latency is made of, per route, windowed.
+
+Per record (O(1)): the sidecar's own time (overhead) and the upstream's time (to its
+response headers for unary requests, to the first token for streams) into rolling
+windows that the breach detector reads to name a cause; for streams, time to first
+token and time per output token into their windows and histograms; reported token
+counts into counters. The windows are `percentiles.Percentiles` instances keyed like
+the latency ones: (route, stream).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..percentiles import Percentiles, Snapshot
+from ..record import CLIENT_DISCONNECT, TimingRecord
+from ..runtime.looplag import LoopLag
+from .cause import SATURATED_S
+from .metrics import AnatomyMetrics
+
+SATURATION_SPAN_S = 2  # "saturated" while the worst loop lag of the last 2 s is > 100 ms
+
+
+class Anatomy:
+    """Observer. `tick()` once a second with the latency percentiles."""
+
+    def __init__(self, windows_s: list[int], metrics: AnatomyMetrics) -> None:
+        self.ttft = Percentiles(windows_s)
+        self.tpot = Percentiles(windows_s)
+        self.upstream = Percentiles(windows_s)
+        self.overhead = Percentiles(windows_s)
+        self._m = metrics
+        self._ttft_h = metrics.ttft.labels
+        self._tpot_h = metrics.tpot.labels
+        self._output = metrics.tokens.output
+        self._input = metrics.tokens.input
+
+    def observe(self, record: TimingRecord) -> None:
+        sent_at = record.sent_at
+        if sent_at is None or record.error == CLIENT_DISCONNECT:
+            return  # refused before the upstream, or never completed
+        route = record.route
+        stream = record.stream
+        key = (route, stream)  # upstream and overhead: per route only, `*` merged on demand
+        upstream_end = record.upstream_end
+        if upstream_end is not None:
+            self.overhead.add_key(key, sent_at - record.start + record.end - upstream_end)
+        if stream:
+            first = record.first_token_at
+            if first is not None:
+                self.upstream.add_key(key, first - sent_at)
+                ttft = first - record.start
+                self.ttft.add(route, True, ttft)
+                self._ttft_h(route).observe(ttft, record.trace_id)
+            per_token = record.time_per_token
+            if per_token is not None:
+                self.tpot.add(route, True, per_token)
+                self._tpot_h(route).observe(per_token, record.trace_id)
+        else:
+            headers_at = record.headers_at
+            if headers_at is not None:
+                self.upstream.add_key(key, headers_at - sent_at)
+        tokens = record.output_tokens
+        if tokens is not None:
+            self._output[route] = self._output.get(route, 0) + tokens
+        tokens = record.input_tokens  # also alone: embeddings report prompt tokens only
+        if tokens is not None:
+            self._input[route] = self._input.get(route, 0) + tokens
+
+    def link(self, percentiles: Percentiles) -> None:
+        """Advance these windows with the latency ones, in the same tick."""
+        percentiles.linked.extend((self.ttft, self.tpot, self.upstream, self.overhead))
+
+    def sections(self) -> dict[str, Any]:
+        """The `ttft` and `tpot` sections of `/percentiles`, shaped like `routes`."""
+        return {"ttft": _by_route(self.ttft.snapshot()), "tpot": _by_route(self.tpot.snapshot())}
+
+
+def _by_route(snap: Snapshot) -> dict[str, Any]:
+    return {
+        route: {str(w): s.as_json() for w, s in per_window.items()}
+        for (route, _), per_window in sorted(snap.stats.items())
+    }
+
+
+def percentiles_document(snapshot: Snapshot, anatomy: Anatomy, lag: LoopLag) -> dict[str, Any]:
+    """`/percentiles`: the latency sections, ``ttft`` and ``tpot``, and ``saturated``
+    (with the lag it is judged on): while the event loop lags, every timestamp the
+    process takes is late and requests wait unseen in the kernel."""
+    doc = snapshot.as_json()
+    doc.update(anatomy.sections())
+    worst = lag.max_over(SATURATION_SPAN_S)
+    doc["saturated"] = worst > SATURATED_S
+    doc["loop_lag_max_ms"] = round(worst * 1000, 1)
+    return doc
