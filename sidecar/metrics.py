@@ -48,25 +48,25 @@ class Metrics:
         prometheus_client.ProcessCollector(registry=reg)
         prometheus_client.GCCollector(registry=reg)
         prometheus_client.PlatformCollector(registry=reg)
-        self.request_duration = self._histogram(
+        self.request_duration = self.histogram(
             "sidecar_request_duration_seconds",
             "Request latency as the client saw it; streams: time to first body byte.",
             ["route", "method", "code", "stream"],
             buckets_s,
         )
-        self.upstream_header = self._histogram(
+        self.upstream_header = self.histogram(
             "sidecar_upstream_header_seconds",
             "Time until the upstream's response headers arrived.",
             ["route"],
             buckets_s,
         )
-        self.overhead = self._histogram(
+        self.overhead = self.histogram(
             "sidecar_overhead_seconds",
             "Time the sidecar itself added (total minus time waiting on the upstream).",
             ["route"],
             (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
         )
-        self.stream_duration = self._histogram(
+        self.stream_duration = self.histogram(
             "sidecar_stream_duration_seconds",
             "Whole duration of streamed (text/event-stream) responses.",
             ["route"],
@@ -128,13 +128,13 @@ class Metrics:
         self.queue_depth = Gauge(
             "sidecar_event_queue_depth", "Events waiting per sink.", ["sink"], registry=reg
         )
-        self.websocket_handshake = self._histogram(
+        self.websocket_handshake = self.histogram(
             "sidecar_websocket_handshake_seconds",
             "WebSocket (upgrade) handshakes: from the request to the upstream's 101 relayed.",
             ["route"],
             buckets_s,
         )
-        self.websocket_session = self._histogram(
+        self.websocket_session = self.histogram(
             "sidecar_websocket_session_seconds",
             "WebSocket session durations from the 101, by who closed: client, upstream "
             "(whose Close frame came first), shutdown, error (no Close frame).",
@@ -151,7 +151,7 @@ class Metrics:
             registry=reg,
         )
 
-    def _histogram(
+    def histogram(
         self, name: str, doc: str, labels: list[str], buckets: Sequence[float]
     ) -> HistogramSet:
         native = NATIVE_SCHEMA if name in NATIVE_HISTOGRAMS else None

@@ -43,7 +43,8 @@ class AnatomyMetrics:
 
     def __init__(self, metrics: Metrics, buckets_s: list[float]) -> None:
         reg = metrics.registry
-        self.ttft = HistogramSet(
+        # through Metrics.histogram: a SPEC native histogram (native buckets with protobuf)
+        self.ttft = metrics.histogram(
             "sidecar_time_to_first_token_seconds",
             "Streams: time from receiving the request to the first output event "
             "(first body byte when none can be told apart).",
@@ -58,5 +59,5 @@ class AnatomyMetrics:
             TPOT_BUCKETS_S,
         )
         self.tokens = TokenCounters()
-        for collector in (self.ttft, self.tpot, self.tokens):
+        for collector in (self.tpot, self.tokens):
             reg.register(collector)
