@@ -52,6 +52,14 @@ class Rule:
     metric: str = LATENCY
 
 
+def latency_rules(settings: Settings) -> tuple[Rule, Rule]:
+    """The SPEC's two rules: p95 -> warning, p99 -> critical (instance and fleet alike)."""
+    return (
+        Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
+        Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
+    )
+
+
 @dataclass(slots=True)
 class Active:
     event: Event  # the breach event that started it
@@ -87,10 +95,7 @@ class BreachDetector:
         self._min = settings.min_samples
         self._interval = settings.eval_interval_s
         self._instance = settings.instance
-        self.rules = (
-            Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
-            Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
-        )
+        self.rules = latency_rules(settings)
         self._anatomy = anatomy
         self._lag = lag
         self.anatomy_rules: list[tuple[Percentiles, Rule]] = []

@@ -25,7 +25,7 @@ import time
 import uuid
 from typing import Any
 
-from ..breach import HYSTERESIS, Rule
+from ..breach import HYSTERESIS, Rule, latency_rules
 from ..config import Settings
 from ..events import BREACH, FLEET_SCOPE, RESOLVED, Event, EventBus
 from ..percentiles import EMPTY, Key
@@ -54,10 +54,7 @@ class FleetBreaches:
         self._min = settings.min_samples
         self._stream = settings.redis_stream
         self._maxlen = settings.redis_maxlen
-        self.rules = (
-            Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
-            Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
-        )
+        self.rules = latency_rules(settings)
 
     async def evaluate(self, lease: Lease) -> list[Event]:
         """Judge the fleet window; apply the state changes; deliver queued events.
