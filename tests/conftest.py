@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import aiohttp
@@ -21,6 +21,22 @@ pytest_plugins = ["tests.redis_fixture", "tests.alertmanager_fixture", "tests.do
 
 # fixtures that start an external binary: a test using one is marked `tools`
 _TOOL_FIXTURES = frozenset({"redis_server", "alertmanager"})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """End the sidecar/upstream processes a failed test did not get to stop (only our
+    own children: a PID that was reused by someone else is never touched)."""
+    import os
+
+    import psutil
+
+    from .process import SPAWNED
+
+    for pid in SPAWNED:
+        with suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.ppid() == os.getpid() and proc.status() != psutil.STATUS_ZOMBIE:
+                proc.kill()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

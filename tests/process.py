@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every process started here, so the session can end the ones a failed test left behind
+SPAWNED: list[int] = []
 
 
 @dataclass
@@ -102,6 +104,7 @@ async def spawn_sidecar(upstream: str, **env: str) -> SidecarProcess:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    SPAWNED.append(proc.pid)
     assert proc.stderr is not None
     stderr = bytearray()
     async with asyncio.timeout(20):
@@ -132,6 +135,7 @@ class SyncProcess:
         self.proc = subprocess.Popen(
             argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
+        SPAWNED.append(self.proc.pid)
 
     def stop(self, timeout: float = 15) -> int:
         if self.proc.poll() is None:
