@@ -224,6 +224,58 @@ class NativeHistogramSeries(HistogramSeries):
         return [counts[k] for k in self._ckeys], counts
 
 
+ZERO_INDEX = _ZERO  # the zero bucket's key in `NativeChanges.read`'s answer
+
+
+def native_index(value: float, schema: int) -> int:
+    """The key `NativeHistogramSeries.observe` counts a value >= 0 under: its positive
+    bucket, or `ZERO_INDEX` at or below the zero threshold."""
+    if value <= ZERO_THRESHOLD:
+        return _ZERO
+    return _ceil(_log2(value) * 2.0**schema)
+
+
+class NativeChanges:
+    """What one native series gained since the previous `read`: for a reader on the
+    loop thread (the series' only writer), so no copy is needed for consistency.
+
+    Consecutive reads add up to the series' counts, except across a resolution change
+    (the series grew past its bucket limit): that read answers None and the next one
+    starts from the new resolution. Negative values are not reported (the series this
+    serves never see any). Memory: one copy of the series' counts, kept between reads.
+    """
+
+    __slots__ = ("_last", "_seen", "_series")
+
+    def __init__(self, series: NativeHistogramSeries) -> None:
+        self._series = series
+        self._last: dict[int, int] = {}
+        self._seen = 0  # observations at the last read
+
+    def read(self) -> tuple[int, dict[int, int]] | None:
+        """(schema, positive bucket index -> gained count, with `ZERO_INDEX` for the
+        zero bucket); None when the resolution changed since the previous read."""
+        series = self._series
+        counts = series._counts
+        seen = sum([counts[k] for k in series._ckeys])
+        if seen == self._seen:
+            return counts[_SCHEMA], {}
+        last = self._last
+        schema = counts[_SCHEMA]
+        changed = last.get(_SCHEMA, schema) != schema
+        self._last = counts.copy()
+        self._seen = seen
+        if changed:
+            return None
+        gained: dict[int, int] = {}
+        for key, n in counts.items():
+            if -_SPAN < key < _SPAN or key == _ZERO:
+                d = n - last.get(key, 0)
+                if d:
+                    gained[key] = d
+        return schema, gained
+
+
 def native_buckets(counts: Mapping[int, int]) -> NativeBuckets:
     """Decode a native series' snapshot (done only when a scrape asks for protobuf)."""
     positive: list[tuple[int, int]] = []

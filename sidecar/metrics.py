@@ -8,7 +8,7 @@ at scrape time by `QuantileCollector`. Exposition lives in `exposition.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -30,6 +30,7 @@ _BOOL = {True: "true", False: "false"}
 # The SPEC's native histograms (exposed with native buckets when scraped as protobuf);
 # any histogram created through `Metrics._histogram` with one of these names gets them.
 NATIVE_HISTOGRAMS = frozenset({
+    "sidecar_overhead_seconds",  # an addition: anatomy/unary.py reads its buckets
     "sidecar_request_duration_seconds",
     "sidecar_time_to_first_token_seconds",
     "sidecar_upstream_header_seconds",
@@ -176,6 +177,10 @@ class RequestMetrics:
         self._children: dict[tuple[str, str, int, bool], HistogramSeries] = {}
         self._route_children: dict[str, tuple[HistogramSeries, HistogramSeries]] = {}
         self._stream_children: dict[str, HistogramSeries] = {}
+
+    def route_series(self) -> Mapping[str, tuple[HistogramSeries, HistogramSeries]]:
+        """Route -> its (upstream header, overhead) series, routes past the cap left out."""
+        return self._route_children
 
     def observe(self, record: TimingRecord) -> None:
         m = self._m

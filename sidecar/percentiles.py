@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .routes import ALL
@@ -35,6 +35,10 @@ _ceil = math.ceil
 QUANTILES: tuple[float, ...] = (0.5, 0.9, 0.95, 0.99, 0.999)
 QUANTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p999_ms")
 Key = tuple[str, bool]  # (route label, stream)
+
+
+class Tickable(Protocol):
+    def tick(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +103,9 @@ class Percentiles:
         self._fresh = False  # computed since the last tick
         # called by `tick` with the sub-windows it closed (the fleet view shares them)
         self.tick_hooks: list[Callable[[Mapping[Key, SubWindow]], None]] = []
-        # windows of other values that must advance with these, in the same tick
-        # (anatomy/: time to first token, per output token, upstream, overhead)
-        self.linked: list[Percentiles] = []
+        # what must advance with these windows, in the same tick (anatomy/: time to
+        # first token, per output token, upstream, overhead)
+        self.linked: list[Tickable] = []
 
     def observe(self, record: TimingRecord) -> None:
         if record.error == CLIENT_DISCONNECT:
@@ -153,6 +157,19 @@ class Percentiles:
         sub.count += 1
         if seconds > sub.max:
             sub.max = seconds
+
+    def add_counts(self, key: Key, counts: Mapping[int, int], count: int, top: float) -> None:
+        """Values already bucketed (``count`` of them, the largest at most ``top``) under
+        ``key`` only, like `add_key`."""
+        sub = self._pending.get(key)
+        if sub is None:
+            sub = self._pending[key] = SubWindow()
+        own = sub.counts
+        for bucket, n in counts.items():
+            own[bucket] = own.get(bucket, 0) + n
+        sub.count += count
+        if top > sub.max:
+            sub.max = top
 
     def merged(self, stream: bool, window_s: int) -> WindowStats:
         """Percentiles of every route's window of one kind together (for values kept

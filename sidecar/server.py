@@ -58,8 +58,9 @@ class Sidecar:
         self.labeler = RouteLabeler(s.routes, s.max_routes)
         self.metrics = Metrics(s.buckets_s)
         self.percentiles = Percentiles(s.windows_s)
+        request_metrics = RequestMetrics(self.metrics)
         self.anatomy = Anatomy(s.windows_s, AnatomyMetrics(self.metrics, s.buckets_s))
-        self.anatomy.link(self.percentiles)
+        self.anatomy.link(self.percentiles, request_metrics.route_series)
         self.loop_lag = LoopLag()
         self.bus = EventBus(self.metrics, build_sinks(s, self.metrics))
         self.detector = BreachDetector(
@@ -71,7 +72,7 @@ class Sidecar:
             self.labeler,
             observers=[
                 self.percentiles,
-                RequestMetrics(self.metrics),
+                request_metrics,
                 SlowRequests(s, self.bus, self.metrics),
                 self.anatomy,
             ],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import socket
 import sys
 import time
@@ -16,11 +17,19 @@ import aiohttp
 import pytest
 
 from sidecar.anatomy.cause import cause_of
+from sidecar.anatomy.metrics import AnatomyMetrics
+from sidecar.anatomy.observer import Anatomy
 from sidecar.anatomy.sse import MAX_EVENT, MAX_MISSES, SseScanner
 from sidecar.anatomy.usage import usage_of
 from sidecar.connections import GuardedHandler
 from sidecar.events import FIELDS
+from sidecar.histogram import native_buckets
+from sidecar.metrics import Metrics, RequestMetrics
+from sidecar.percentiles import Percentiles
+from sidecar.record import TimingRecord
 from sidecar.runtime.netstat import listen_queue
+
+from .exact import exact
 
 T = TypeVar("T")
 ROUTE = "/llm/chat/completions"
@@ -472,3 +481,71 @@ async def test_early_timestamp_counts_the_wait_before_the_handler(proxied, monke
         assert r.status == 200
     (rec,) = await records.wait_for(1)
     assert rec.sent_at - rec.start >= 0.2
+
+
+def _exchange(route: str, stream: bool, header_s: float, overhead_s: float) -> TimingRecord:
+    """A record whose upstream answered its headers after ``header_s`` and whose sidecar
+    time (before sending plus after the upstream's end) is ``overhead_s``."""
+    start, sent = 100.0, 100.0 + overhead_s / 2
+    headers_at = sent + header_s
+    upstream_end = headers_at + 0.001
+    end = upstream_end + overhead_s / 2
+    return TimingRecord(
+        start, sent, headers_at, upstream_end, headers_at, end, 0.0, "POST", route, 200,
+        10, 10, stream, "rid", None, None, end - start,
+        headers_at + 0.002 if stream else None,
+    )  # fmt: skip
+
+
+def _unary_stats(windows: Percentiles, route: str) -> tuple[int, list[float]]:
+    stats = windows.snapshot().stats[(route, False)][60]
+    return stats.count, [stats.value(q) for q in (0.5, 0.95, 0.99)]
+
+
+def test_unary_windows_are_the_unary_requests_alone():
+    """Unary upstream and overhead windows come once a tick from the per-route native
+    histograms, which streams share: counts exact (streams taken away), quantiles within
+    the two resolutions (2.2% wide native buckets, then the 1% sketch), also after a
+    series lowered its resolution."""
+    metrics = Metrics([0.1, 1.0])
+    observer = RequestMetrics(metrics)
+    latency = Percentiles([60])
+    anatomy = Anatomy([60], AnatomyMetrics(metrics, [0.1, 1.0]))
+    anatomy.link(latency, observer.route_series)
+    rng = random.Random(7)
+    headers: dict[str, list[float]] = {"/a": [], "/b": []}
+    overheads: dict[str, list[float]] = {"/a": [], "/b": []}
+    for tick in range(6):
+        for _ in range(1500 if tick == 3 else 400):
+            route = rng.choice(("/a", "/b"))
+            stream = rng.random() < 0.4
+            header = rng.lognormvariate(-3, 1.2)  # streams answer their headers as fast
+            overhead = rng.lognormvariate(-9, 0.8)
+            spread = tick == 3 and route == "/b"
+            if spread:  # 30 octaves: /b's header series lowers its resolution
+                header = 2 ** rng.uniform(-24, 6)
+            record = _exchange(route, stream, header, overhead)
+            observer.observe(record)
+            anatomy.observe(record)
+            if not stream:
+                if not spread:  # that tick is lost for /b's headers, never mixed in
+                    headers[route].append(header)
+                sent, up_end = record.sent_at, record.upstream_end
+                assert sent is not None and up_end is not None
+                overheads[route].append(sent - record.start + record.end - up_end)
+        latency.tick()
+    native = metrics.upstream_header.labels("/b").snapshot()[1]
+    assert native is not None
+    schema = native_buckets(native).schema
+    assert schema < 5  # it did lower its resolution
+    for route in ("/a", "/b"):
+        for windows, values, resolution in (
+            (anatomy.upstream, headers[route], schema if route == "/b" else 5),
+            (anatomy.overhead, overheads[route], 5),
+        ):
+            count, got = _unary_stats(windows, route)
+            assert count == len(values), (route, windows is anatomy.upstream)
+            # a native bucket's width, then the sketch's 1%
+            rel = 2 ** (2.0**-resolution) - 1 + 0.01
+            for q, value in zip((0.5, 0.95, 0.99), got, strict=True):
+                assert value == pytest.approx(exact(values, q), rel=rel), (route, q)
