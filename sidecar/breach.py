@@ -28,7 +28,6 @@ from typing import Any
 
 from .anatomy.cause import cause_of
 from .anatomy.observer import Anatomy
-from .config import Settings
 from .events import BREACH, LATENCY, RESOLVED, SLOW_REQUEST, Event, EventBus
 from .metrics import Metrics
 from .percentiles import Percentiles, Snapshot, WindowStats
@@ -52,12 +51,26 @@ class Rule:
     metric: str = LATENCY
 
 
-def latency_rules(settings: Settings) -> tuple[Rule, Rule]:
+def latency_rules(p95_threshold_ms: float, p99_threshold_ms: float) -> tuple[Rule, Rule]:
     """The SPEC's two rules: p95 -> warning, p99 -> critical (instance and fleet alike)."""
     return (
-        Rule(0.95, "p95", "warning", settings.p95_threshold_ms),
-        Rule(0.99, "p99", "critical", settings.p99_threshold_ms),
+        Rule(0.95, "p95", "warning", p95_threshold_ms),
+        Rule(0.99, "p99", "critical", p99_threshold_ms),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BreachPolicy:
+    """What the instance detector judges by (from `SIDECAR_*` thresholds and windows)."""
+
+    instance: str
+    window_s: int  # the window the rules read (the shortest)
+    min_samples: int
+    eval_interval_s: float
+    p95_threshold_ms: float
+    p99_threshold_ms: float
+    ttft_p95_threshold_ms: float | None = None  # None: rule off
+    tpot_p95_threshold_ms: float | None = None
 
 
 @dataclass(slots=True)
@@ -85,24 +98,24 @@ class Active:
 
 class BreachDetector:
     def __init__(
-        self, settings: Settings, percentiles: Percentiles, bus: EventBus, metrics: Metrics,
+        self, policy: BreachPolicy, percentiles: Percentiles, bus: EventBus, metrics: Metrics,
         anatomy: Anatomy | None = None, lag: LoopLag | None = None,
     ) -> None:  # fmt: skip
         self._p = percentiles
         self._bus = bus
         self._metrics = metrics
-        self._window = settings.breach_window_s
-        self._min = settings.min_samples
-        self._interval = settings.eval_interval_s
-        self._instance = settings.instance
-        self.rules = latency_rules(settings)
+        self._window = policy.window_s
+        self._min = policy.min_samples
+        self._interval = policy.eval_interval_s
+        self._instance = policy.instance
+        self.rules = latency_rules(policy.p95_threshold_ms, policy.p99_threshold_ms)
         self._anatomy = anatomy
         self._lag = lag
         self.anatomy_rules: list[tuple[Percentiles, Rule]] = []
         if anatomy is not None:
             for windows, metric, threshold in (
-                (anatomy.ttft, "ttft", settings.ttft_p95_threshold_ms),
-                (anatomy.tpot, "tpot", settings.tpot_p95_threshold_ms),
+                (anatomy.ttft, "ttft", policy.ttft_p95_threshold_ms),
+                (anatomy.tpot, "tpot", policy.tpot_p95_threshold_ms),
             ):
                 if threshold is not None:
                     rule = Rule(0.95, "p95", "warning", threshold, metric)
@@ -200,11 +213,11 @@ class SlowRequests:
     """Observer: one `slow_request` event per request slower than the threshold
     (streams: time to first byte), at most `max_per_s` per second."""
 
-    def __init__(self, settings: Settings, bus: EventBus, metrics: Metrics,
+    def __init__(self, threshold_ms: float, instance: str, bus: EventBus, metrics: Metrics,
                  max_per_s: float = 20.0) -> None:  # fmt: skip
-        self._threshold_s = settings.slow_request_ms / 1000
-        self._threshold_ms = settings.slow_request_ms
-        self._instance = settings.instance
+        self._threshold_s = threshold_ms / 1000
+        self._threshold_ms = threshold_ms
+        self._instance = instance
         self._bus = bus
         self._suppressed = metrics.events_suppressed.labels(SLOW_REQUEST)
         self._rate = max_per_s

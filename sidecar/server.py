@@ -25,7 +25,7 @@ from aiohttp import web
 from .admin import UpstreamProbe, build_admin_app
 from .anatomy.metrics import AnatomyMetrics
 from .anatomy.observer import Anatomy, percentiles_document
-from .breach import BreachDetector, SlowRequests
+from .breach import BreachDetector, BreachPolicy, SlowRequests
 from .config import Settings, redact_url
 from .connections import GuardedAppRunner, GuardedServer, Limits
 from .events import EventBus
@@ -63,8 +63,13 @@ class Sidecar:
         self.anatomy.link(self.percentiles, request_metrics.route_series)
         self.loop_lag = LoopLag()
         self.bus = EventBus(self.metrics, build_sinks(s, self.metrics))
+        policy = BreachPolicy(
+            s.instance, s.breach_window_s, s.min_samples, s.eval_interval_s,
+            s.p95_threshold_ms, s.p99_threshold_ms, s.ttft_p95_threshold_ms,
+            s.tpot_p95_threshold_ms,
+        )  # fmt: skip
         self.detector = BreachDetector(
-            s, self.percentiles, self.bus, self.metrics, self.anatomy, self.loop_lag
+            policy, self.percentiles, self.bus, self.metrics, self.anatomy, self.loop_lag
         )
         self.fleet = Fleet(s, self.percentiles, self.bus, self.metrics) if s.fleet else None
         self.proxy = Proxy(
@@ -73,7 +78,7 @@ class Sidecar:
             observers=[
                 self.percentiles,
                 request_metrics,
-                SlowRequests(s, self.bus, self.metrics),
+                SlowRequests(s.slow_request_ms, s.instance, self.bus, self.metrics),
                 self.anatomy,
             ],
             upstream_timeout_s=s.upstream_timeout_s,

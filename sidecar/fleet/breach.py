@@ -54,7 +54,7 @@ class FleetBreaches:
         self._min = settings.min_samples
         self._stream = settings.redis_stream
         self._maxlen = settings.redis_maxlen
-        self.rules = latency_rules(settings)
+        self.rules = latency_rules(settings.p95_threshold_ms, settings.p99_threshold_ms)
 
     async def evaluate(self, lease: Lease) -> list[Event]:
         """Judge the fleet window; apply the state changes; deliver queued events.
