@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
-import os
 import random
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis.asyncio as aioredis
 
+from sidecar.demo.fleet import local_redis
 from sidecar.fleet.layout import slot_of
 from sidecar.fleet.share import Sharer
 from sidecar.fleet.store import FleetError, RedisFleetStore
@@ -49,23 +47,6 @@ from sidecar.sketch import bucket_of, rank_of
 from sidecar.window import SubWindow
 
 FLEET = "sim"
-
-
-def start_redis(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server not found: apt-get install redis-server (or pass --redis-url)")
-    sock = os.path.join(tmp, "redis.sock")
-    proc = subprocess.Popen(
-        [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
-         "--dir", tmp],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(200):
-        if os.path.exists(sock):
-            break
-        time.sleep(0.02)
-    return proc, f"unix://{sock}"
 
 
 class Traffic:
@@ -302,17 +283,11 @@ def main() -> int:
     parser.add_argument("--redis-url")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fleet-sim-") as tmp:
-        proc = None
-        url = args.redis_url
-        if not url:
-            proc, url = start_redis(tmp)
-        try:
-            result = asyncio.run(simulate(args, url))
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
+    with contextlib.ExitStack() as stack:
+        url = args.redis_url or stack.enter_context(local_redis())
+        if url is None:
+            sys.exit("redis-server not found: apt-get install redis-server (or pass --redis-url)")
+        result = asyncio.run(simulate(args, url))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

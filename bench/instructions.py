@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import socket
@@ -31,7 +30,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from overhead import BODY, UPSTREAM_SERVER, free_port, start_nginx, wait_port  # noqa: E402
+from overhead import (  # noqa: E402
+    BODY,
+    UPSTREAM_SERVER,
+    free_port,
+    sidecar_env,
+    start_nginx,
+    wait_port,
+)  # fmt: skip
 
 
 def _client(port: int, path: str, n: int, concurrency: int) -> None:
@@ -81,15 +87,9 @@ def _wait_http(port: int, timeout: float) -> None:
 
 
 def _proxy_argv(kind: str, upstream: str, port: int) -> tuple[list[str], dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env = sidecar_env(upstream, port, free_port())
     if kind == "bare":
         return [sys.executable, str(HERE / "bare_proxy.py"), str(port), upstream], env
-    env.update(
-        SIDECAR_UPSTREAM_URL=upstream,
-        SIDECAR_LISTEN=f"127.0.0.1:{port}",
-        SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
-        SIDECAR_LOG_LEVEL="warning",
-    )
     return [sys.executable, "-m", "sidecar", "run"], env
 
 

@@ -50,6 +50,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def sidecar_env(upstream: str, port: int, admin_port: int, log_level: str = "warning",
+                **more: str) -> dict[str, str]:  # fmt: skip
+    """This process's environment without its SIDECAR_* variables, plus what a benched
+    sidecar needs (``more``: further SIDECAR_* settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(
+        SIDECAR_UPSTREAM_URL=upstream,
+        SIDECAR_LISTEN=f"127.0.0.1:{port}",
+        SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+        SIDECAR_LOG_LEVEL=log_level,
+        **more,
+    )
+    return env
+
+
 def wait_port(port: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -285,14 +300,8 @@ def stack(args: argparse.Namespace) -> Iterator[list[Target]]:
                 )
             )
             sc = Target("sidecar", free_port())
-            env = {
-                **os.environ,
-                "SIDECAR_UPSTREAM_URL": upstream,
-                "SIDECAR_LISTEN": f"127.0.0.1:{sc.port}",
-                "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
-                "SIDECAR_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "SIDECAR_LOG_LEVEL": "warning",
-            }
+            env = sidecar_env(upstream, sc.port, free_port(),
+                              SIDECAR_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0")  # fmt: skip
             sc.proc = subprocess.Popen(pinned(1, [sys.executable, "-m", "sidecar", "run"]), env=env)
             procs.append(sc.proc)
             targets.append(sc)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
 import subprocess
@@ -29,7 +28,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from overhead import BODY, UPSTREAM_SERVER, free_port, pinned, start_nginx, wait_port  # noqa: E402
+from overhead import (  # noqa: E402
+    BODY,
+    UPSTREAM_SERVER,
+    free_port,
+    pinned,
+    sidecar_env,
+    start_nginx,
+    wait_port,
+)  # fmt: skip
 
 
 def _ms(text: str) -> float:
@@ -56,13 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             tmp, "up", UPSTREAM_SERVER.format(port=up_port, body=BODY, sse=free_port()), 0
         )
         port, admin_port = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        env.update(
-            SIDECAR_UPSTREAM_URL=f"http://127.0.0.1:{up_port}",
-            SIDECAR_LISTEN=f"127.0.0.1:{port}",
-            SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
-            SIDECAR_LOG_LEVEL="error",
-        )
+        env = sidecar_env(f"http://127.0.0.1:{up_port}", port, admin_port, "error")
         if args.source:
             env["PYTHONPATH"] = str(Path(args.source).resolve())
         proxy = subprocess.Popen(

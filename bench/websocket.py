@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import psutil
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import free_port, wait_port
+from overhead import free_port, sidecar_env, wait_port
 
 
 async def _echo(request: web.Request) -> web.WebSocketResponse:
@@ -99,13 +98,7 @@ def main() -> int:
         return 0
     up_port, port, admin = free_port(), free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--upstream", str(up_port)])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env.update(
-        SIDECAR_UPSTREAM_URL=f"http://127.0.0.1:{up_port}",
-        SIDECAR_LISTEN=f"127.0.0.1:{port}",
-        SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin}",
-        SIDECAR_LOG_LEVEL="warning",
-    )
+    env = sidecar_env(f"http://127.0.0.1:{up_port}", port, admin)
     sidecar = subprocess.Popen([sys.executable, "-m", "sidecar", "run"], env=env)
     try:
         wait_port(up_port)

@@ -59,6 +59,29 @@ def latency_rules(p95_threshold_ms: float, p99_threshold_ms: float) -> tuple[Rul
     )
 
 
+def rule_event(
+    kind: str, rule: Rule, route: str, stream: bool, window_s: int, value_ms: float,
+    samples: int, instance: str, **fields: Any,
+) -> Event:  # fmt: skip
+    """A `breach` or `resolved` event of ``rule`` (instance and fleet alike); ``fields``:
+    the rest of `Event`'s optional fields."""
+    return Event(
+        type=kind,
+        severity=rule.severity,
+        route=route,
+        stream=stream,
+        quantile=rule.name,
+        window_s=window_s,
+        value_ms=value_ms,
+        threshold_ms=rule.threshold_ms,
+        samples=samples,
+        instance=instance,
+        ts=time.time(),
+        metric=rule.metric,
+        **fields,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BreachPolicy:
     """What the instance detector judges by (from `SIDECAR_*` thresholds and windows)."""
@@ -179,25 +202,11 @@ class BreachDetector:
         if cause is None:
             cause = cause_of(rule.metric, value_ms, upstream_ms or 0.0, overhead_ms or 0.0,
                              lag_ms or 0.0)  # fmt: skip
-        return Event(
-            type=kind,
-            severity=rule.severity,
-            route=route,
-            stream=stream,
-            quantile=rule.name,
-            window_s=self._window,
-            value_ms=value_ms,
-            threshold_ms=rule.threshold_ms,
-            samples=samples,
-            instance=self._instance,
-            ts=time.time(),
-            started_at=started_at,
-            metric=rule.metric,
-            upstream_p95_ms=upstream_ms,
-            overhead_p95_ms=overhead_ms,
-            loop_lag_max_ms=lag_ms,
-            cause=cause,
-        )
+        return rule_event(
+            kind, rule, route, stream, self._window, value_ms, samples, self._instance,
+            started_at=started_at, upstream_p95_ms=upstream_ms, overhead_p95_ms=overhead_ms,
+            loop_lag_max_ms=lag_ms, cause=cause,
+        )  # fmt: skip
 
     def _gauge(self, event: Event, value: int) -> None:
         self._metrics.breach_active.labels(

@@ -21,6 +21,7 @@ from sidecar.events import FIELDS, SLOW_REQUEST, Event
 
 from .conftest import serve_app
 from .exact import exact
+from .upstream import burst
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 # wide margins: a fast request on a busy 2-core CI machine can take tens of ms
@@ -29,20 +30,7 @@ THRESHOLDS = {"p95_threshold_ms": 250, "p99_threshold_ms": 300, "min_samples": 1
 
 
 async def traffic(client, base, ms, n=30, concurrency=15):
-    sem = asyncio.Semaphore(concurrency)
-    loop = asyncio.get_running_loop()
-    times = []
-
-    async def one():
-        async with sem:
-            t0 = loop.time()
-            async with client.get(f"{base}/sleep/{ms}") as r:
-                assert r.status == 200
-                await r.read()
-            times.append(loop.time() - t0)
-
-    await asyncio.gather(*(one() for _ in range(n)))
-    return times
+    return await burst(client, base, [ms] * n, concurrency)
 
 
 def advance(sc, seconds=1):

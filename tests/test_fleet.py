@@ -21,6 +21,7 @@ from sidecar.sketch import bucket_of
 
 from .exact import exact
 from .process import SidecarProcess, spawn_sidecar
+from .upstream import burst
 
 ROUTE = "/sleep/{id}"
 QS = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p95_ms", 0.95), ("p99_ms", 0.99))
@@ -76,23 +77,6 @@ async def until(probe, timeout: float = 20.0, interval: float = 0.2):
             if got:
                 return got
             await asyncio.sleep(interval)
-
-
-async def burst(client, base: str, delays_ms: Sequence[int], concurrency: int = 20) -> list[float]:
-    sem = asyncio.Semaphore(concurrency)
-    loop = asyncio.get_running_loop()
-    times: list[float] = []
-
-    async def one(ms: int) -> None:
-        async with sem:
-            t0 = loop.time()
-            async with client.get(f"{base}/sleep/{ms}") as r:
-                assert r.status == 200
-                await r.read()
-            times.append(loop.time() - t0)
-
-    await asyncio.gather(*(one(ms) for ms in delays_ms))
-    return times
 
 
 class Driver:

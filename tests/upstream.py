@@ -6,11 +6,34 @@ import asyncio
 import gzip
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 GZIP_BODY = gzip.compress(b'{"hello": "compressed world"}' * 50)
+
+
+async def burst(
+    client: aiohttp.ClientSession, base: str, delays_ms: Sequence[int], concurrency: int = 20
+) -> list[float]:
+    """GET ``{base}/sleep/{ms}`` for each of ``delays_ms``, ``concurrency`` at a time;
+    every answer must be a 200. Returns the client-side times (s)."""
+    sem = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def one(ms: int) -> None:
+        async with sem:
+            t0 = loop.time()
+            async with client.get(f"{base}/sleep/{ms}") as r:
+                assert r.status == 200
+                await r.read()
+            times.append(loop.time() - t0)
+
+    await asyncio.gather(*(one(ms) for ms in delays_ms))
+    return times
 
 
 class Upstream:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import uuid
 from typing import Any
 
-from ..breach import HYSTERESIS, Rule, latency_rules
+from ..breach import HYSTERESIS, Rule, latency_rules, rule_event
 from ..config import Settings
 from ..events import BREACH, FLEET_SCOPE, RESOLVED, Event, EventBus
 from ..percentiles import EMPTY, Key
@@ -125,25 +124,12 @@ class FleetBreaches:
         started_at: float | None = None,
     ) -> Event:
         route, stream = key
-        return Event(
-            type=kind,
-            severity=rule.severity,
-            route=route,
-            stream=stream,
-            quantile=rule.name,
-            window_s=self._window,
-            value_ms=value_ms,
-            threshold_ms=rule.threshold_ms,
-            samples=samples,
-            instance=self._instance,
-            ts=time.time(),
+        return rule_event(
+            kind, rule, route, stream, self._window, value_ms, samples, self._instance,
             # one id per (fleet, rule, version): whoever writes it, it is the same event
             event_id=str(uuid.uuid5(_NAMESPACE, f"{self._fleet}\n{rid}\n{gen + 1}")),
-            started_at=started_at,
-            scope=FLEET_SCOPE,
-            fleet=self._fleet,
-            instances=instances,
-        )
+            started_at=started_at, scope=FLEET_SCOPE, fleet=self._fleet, instances=instances,
+        )  # fmt: skip
 
 
 def _kwargs(event: Event) -> dict[str, Any]:
