@@ -154,6 +154,57 @@ def test_fields_the_kernel_refuses_come_back_null_with_a_reason():
     assert doc["io"] is None and "access denied" in refused["io_counters"]
 
 
+def _cgroup(root, **files: str):
+    root.mkdir(exist_ok=True)
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    for name, text in files.items():
+        (root / name.replace("_", ".", 1)).write_text(text)
+    return root
+
+
+def test_cgroup_limits_and_usage_from_a_cgroup_v2_tree(tmp_path):
+    """A cgroup v2 directory as the kernel lays it out (files written here, read by the
+    real code): limits, usage, throttling; `max` is no limit; no cgroup v2, None."""
+    from sidecar.runtime.system import cgroup_doc
+
+    assert cgroup_doc(tmp_path / "none") is None
+    root = _cgroup(
+        tmp_path / "limited",
+        cpu_max="50000 100000\n",
+        cpu_stat="usage_usec 2500000\nuser_usec 2000000\nnr_periods 40\n"
+        "nr_throttled 7\nthrottled_usec 350000\n",
+        memory_max="536870912\n",
+        memory_current="104857600\n",
+    )
+    assert cgroup_doc(root) == {
+        "cpu_limit_cores": 0.5,
+        "cpu_usage_seconds": 2.5,
+        "cpu_nr_throttled": 7,
+        "cpu_throttled_seconds": 0.35,
+        "memory_limit_bytes": 536870912,
+        "memory_usage_bytes": 104857600,
+    }
+    root = _cgroup(tmp_path / "unlimited", cpu_max="max 100000\n", memory_max="max\n")
+    assert cgroup_doc(root) == {"cpu_limit_cores": None, "memory_limit_bytes": None}
+
+
+def test_cgroup_files_with_unexpected_content_leave_fields_out(tmp_path):
+    from sidecar.runtime.system import cgroup_doc, system_doc
+
+    root = _cgroup(
+        tmp_path / "odd",
+        cpu_max="fifty 0\n",
+        cpu_stat="usage_usec lots\nnr_throttled\n\nthrottled_usec 5\n",
+        memory_max="\x00\xff garbage",
+        memory_current="",
+    )
+    assert cgroup_doc(root) == {}
+    assert cgroup_doc(_cgroup(tmp_path / "zero", cpu_max="100 0")) == {}
+    doc = system_doc()  # this machine, whatever its cgroup: every field, no error
+    assert doc["cpu_count"] >= 1 and len(doc["load_average"]) == 3
+    assert 0 < doc["memory"]["available_bytes"] <= doc["memory"]["total_bytes"]
+
+
 @pytest.fixture
 async def profiled(upstream, make_sidecar):
     up, url = upstream

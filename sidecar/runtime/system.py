@@ -18,29 +18,43 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def cgroup_doc(root: Path = CGROUP) -> dict[str, Any] | None:
-    """cgroup v2 limits and usage of this container, when present."""
+    """cgroup v2 limits and usage of this container, when present. A file that is
+    missing or holds something unexpected leaves its fields out (never an error):
+    `max` is no limit (None)."""
     if not (root / "cgroup.controllers").exists():
         return None
     doc: dict[str, Any] = {}
     cpu_max = _read(root / "cpu.max")
     if cpu_max:
         quota, _, period = cpu_max.partition(" ")
-        doc["cpu_limit_cores"] = None if quota == "max" else int(quota) / int(period or 100000)
+        per = _int(period or "100000")
+        if quota == "max":
+            doc["cpu_limit_cores"] = None
+        elif (q := _int(quota)) is not None and per:
+            doc["cpu_limit_cores"] = q / per
     stat = _read(root / "cpu.stat")
     if stat:
-        fields = dict(line.split(" ", 1) for line in stat.splitlines() if " " in line)
-        if "usage_usec" in fields:
-            doc["cpu_usage_seconds"] = int(fields["usage_usec"]) / 1e6
-        if "nr_throttled" in fields:
-            doc["cpu_nr_throttled"] = int(fields["nr_throttled"])
-            doc["cpu_throttled_seconds"] = int(fields.get("throttled_usec", 0)) / 1e6
+        fields = {k: _int(v) for k, _, v in (line.partition(" ") for line in stat.splitlines())}
+        if (usage := fields.get("usage_usec")) is not None:
+            doc["cpu_usage_seconds"] = usage / 1e6
+        if (throttled := fields.get("nr_throttled")) is not None:
+            doc["cpu_nr_throttled"] = throttled
+            doc["cpu_throttled_seconds"] = (fields.get("throttled_usec") or 0) / 1e6
     mem_max = _read(root / "memory.max")
-    if mem_max:
-        doc["memory_limit_bytes"] = None if mem_max == "max" else int(mem_max)
-    mem_cur = _read(root / "memory.current")
-    if mem_cur:
-        doc["memory_usage_bytes"] = int(mem_cur)
+    if mem_max == "max":
+        doc["memory_limit_bytes"] = None
+    elif (limit := _int(mem_max)) is not None:
+        doc["memory_limit_bytes"] = limit
+    if (current := _int(_read(root / "memory.current"))) is not None:
+        doc["memory_usage_bytes"] = current
     return doc
 
 
