@@ -33,9 +33,15 @@ def format_event(entry_id: str, f: dict[str, str]) -> str:
         )
     else:
         verb = ">" if kind == "breach" else "<="
+        metric = f.get("metric") or "latency"
+        name = f.get("quantile") if metric == "latency" else f"{metric}_{f.get('quantile')}"
+        cause = f", cause {f['cause']}" if f.get("cause") else ""
+        fleet = (
+            f", fleet {f.get('fleet')} of {f.get('instances')}" if f.get("scope") == "fleet" else ""
+        )
         what = (
-            f"{f.get('quantile')}={f.get('value_ms')}ms {verb} {f.get('threshold_ms')}ms "
-            f"(window {f.get('window_s')}s, {f.get('samples')} samples)"
+            f"{name}={f.get('value_ms')}ms {verb} {f.get('threshold_ms')}ms "
+            f"(window {f.get('window_s')}s, {f.get('samples')} samples{cause}{fleet})"
         )
     return (
         f"{f.get('ts', '')}  {kind:<12} {f.get('severity', ''):<8} {where:<32} {what}"

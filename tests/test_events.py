@@ -453,3 +453,24 @@ async def test_events_cli_reads_back(upstream, make_sidecar, redis_server):
     no_redis = {k: v for k, v in env.items() if k != "SIDECAR_REDIS_URL"}
     out = subprocess.run(cmd, env=no_redis, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "SIDECAR_REDIS_URL" in out.stderr
+
+
+def test_events_text_lines_name_the_metric_cause_and_fleet():
+    """What `latency-sidecar events` prints for each kind of entry, as the stream holds
+    it (strings): the rule's metric when it is not latency, the cause, the fleet."""
+    from sidecar.reader import format_event
+
+    base = {"ts": "2026-11-27T10:00:00.000Z", "severity": "warning", "route": "/v1/chat",
+            "quantile": "p95", "value_ms": "180.0", "threshold_ms": "100", "window_s": "60",
+            "samples": "40", "instance": "pod-a"}  # fmt: skip
+    line = format_event("1-0", {**base, "type": "breach", "metric": "latency",
+                                "cause": "upstream"})  # fmt: skip
+    assert "breach" in line and " p95=180.0ms > 100ms" in line
+    assert "(window 60s, 40 samples, cause upstream)" in line and line.endswith("[pod-a]")
+    line = format_event("1-1", {**base, "type": "resolved", "metric": "ttft", "stream": "true"})
+    assert "/v1/chat stream" in line and " ttft_p95=180.0ms <= 100ms" in line
+    line = format_event("1-2", {**base, "type": "breach", "scope": "fleet", "fleet": "prod",
+                                "instances": "3", "cause": "sidecar"})  # fmt: skip
+    assert "(window 60s, 40 samples, cause sidecar, fleet prod of 3)" in line
+    old = format_event("1-3", {**base, "type": "breach"})  # written before metric/cause existed
+    assert " p95=180.0ms > 100ms (window 60s, 40 samples)" in old
