@@ -145,7 +145,7 @@ def upper_bound(index: int, schema: int) -> float:
 class NativeHistogramSeries(HistogramSeries):
     """A series with native buckets next to its classic ones (see the module doc)."""
 
-    __slots__ = ("_ckeys", "_counts", "_factor", "_limit", "_schema")
+    __slots__ = ("_ckeys", "_counts", "_factor", "_gained", "_limit", "_lost", "_schema")
 
     def __init__(self, bounds: Sequence[float], schema: int, max_buckets: int) -> None:
         super().__init__(bounds)
@@ -157,6 +157,24 @@ class NativeHistogramSeries(HistogramSeries):
         counts[_SCHEMA] = schema
         self._limit = len(counts) + max_buckets
         self._counts = counts
+        self._gained: dict[int, int] | None = None  # see `track`
+        self._lost = False
+
+    def track(self) -> None:
+        """Keep, from now on, what the positive and zero buckets gain between two
+        `take_gained` calls (one more dict increment per observation)."""
+        if self._gained is None:
+            self._gained = {}
+
+    def take_gained(self) -> tuple[int, dict[int, int]] | None:
+        """(schema, bucket index -> count gained since the previous call, with
+        `ZERO_INDEX` for the zero bucket), or None when the resolution changed in
+        between (what was gained then is dropped). Loop thread only."""
+        gained, self._gained = self._gained, {}
+        if self._lost:
+            self._lost = False
+            return None
+        return self._schema, gained or {}
 
     def observe(self, value: float, trace_id: str | None = None) -> None:
         i = bisect_left(self.bounds, value)
@@ -169,6 +187,9 @@ class NativeHistogramSeries(HistogramSeries):
                 counts[key] += 1
             except KeyError:
                 self._add_bucket(key)
+            gained = self._gained
+            if gained is not None:
+                gained[key] = gained.get(key, 0) + 1
         else:
             self._observe_rare(value)
         if trace_id is not None:
@@ -189,6 +210,9 @@ class NativeHistogramSeries(HistogramSeries):
         counts = self._counts
         if -ZERO_THRESHOLD <= value <= ZERO_THRESHOLD:
             counts[_ZERO] += 1
+            gained = self._gained
+            if gained is not None:
+                gained[_ZERO] = gained.get(_ZERO, 0) + 1
             return
         if value > 0:
             key = self._key(value)
@@ -215,6 +239,9 @@ class NativeHistogramSeries(HistogramSeries):
                 merged[key] = merged.get(key, 0) + n
             self._schema -= 1
             self._factor = 2.0**self._schema
+            if self._gained is not None:  # gained at the old resolution: dropped
+                self._gained = {}
+                self._lost = True
             merged[_SCHEMA] = self._schema
             counts = merged
         self._counts = counts  # one rebinding: a concurrent copy sees old or new, whole
@@ -224,7 +251,7 @@ class NativeHistogramSeries(HistogramSeries):
         return [counts[k] for k in self._ckeys], counts
 
 
-ZERO_INDEX = _ZERO  # the zero bucket's key in `NativeChanges.read`'s answer
+ZERO_INDEX = _ZERO  # the zero bucket's key in `take_gained`'s answer
 
 
 def native_index(value: float, schema: int) -> int:
@@ -233,47 +260,6 @@ def native_index(value: float, schema: int) -> int:
     if value <= ZERO_THRESHOLD:
         return _ZERO
     return _ceil(_log2(value) * 2.0**schema)
-
-
-class NativeChanges:
-    """What one native series gained since the previous `read`: for a reader on the
-    loop thread (the series' only writer), so no copy is needed for consistency.
-
-    Consecutive reads add up to the series' counts, except across a resolution change
-    (the series grew past its bucket limit): that read answers None and the next one
-    starts from the new resolution. Negative values are not reported (the series this
-    serves never see any). Memory: one copy of the series' counts, kept between reads.
-    """
-
-    __slots__ = ("_last", "_seen", "_series")
-
-    def __init__(self, series: NativeHistogramSeries) -> None:
-        self._series = series
-        self._last: dict[int, int] = {}
-        self._seen = 0  # observations at the last read
-
-    def read(self) -> tuple[int, dict[int, int]] | None:
-        """(schema, positive bucket index -> gained count, with `ZERO_INDEX` for the
-        zero bucket); None when the resolution changed since the previous read."""
-        series = self._series
-        counts = series._counts
-        seen = sum([counts[k] for k in series._ckeys])
-        if seen == self._seen:
-            return counts[_SCHEMA], {}
-        last = self._last
-        schema = counts[_SCHEMA]
-        changed = last.get(_SCHEMA, schema) != schema
-        self._last = counts.copy()
-        self._seen = seen
-        if changed:
-            return None
-        gained: dict[int, int] = {}
-        for key, n in counts.items():
-            if -_SPAN < key < _SPAN or key == _ZERO:
-                d = n - last.get(key, 0)
-                if d:
-                    gained[key] = d
-        return schema, gained
 
 
 def native_buckets(counts: Mapping[int, int]) -> NativeBuckets:

@@ -16,7 +16,7 @@ from prometheus_client.core import Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from .histogram import HistogramSeries, HistogramSet
+from .histogram import HistogramSeries, HistogramSet, NativeHistogramSeries
 from .percentiles import QUANTILES, Snapshot
 from .record import UPSTREAM_ERRORS, TimingRecord
 from .routes import OTHER
@@ -179,7 +179,8 @@ class RequestMetrics:
         self._stream_children: dict[str, HistogramSeries] = {}
 
     def route_series(self) -> Mapping[str, tuple[HistogramSeries, HistogramSeries]]:
-        """Route -> its (upstream header, overhead) series, routes past the cap left out."""
+        """Route -> its (upstream header, overhead) series, routes past the cap left out;
+        native ones keep what they gained since their last `take_gained`."""
         return self._route_children
 
     def observe(self, record: TimingRecord) -> None:
@@ -237,6 +238,9 @@ class RequestMetrics:
                 m.upstream_header.labels(route),
                 m.overhead.labels(route),
             )
+            for one in series:  # read by `route_series`'s reader from the first request
+                if isinstance(one, NativeHistogramSeries):
+                    one.track()
             return series
         m.series_overflow.labels(m.upstream_header.name).inc()
         m.series_overflow.labels(m.overhead.name).inc()

@@ -133,6 +133,7 @@ class Proxy:
         labeler: RouteLabeler,
         observers: Sequence[Observer] = (),
         *,
+        content_observers: Sequence[Observer] = (),
         upstream_timeout_s: float,
         client_idle_timeout_s: float = 60.0,
         tunnels: Tunnels | None = None,
@@ -143,6 +144,9 @@ class Proxy:
         self._idle_timeout = client_idle_timeout_s
         self._labeler = labeler
         self._observers: tuple[Observer, ...] = tuple(observers)
+        # also told of answers whose content said something (streams, reported usage),
+        # after `observers`: most unary answers never reach them
+        self._content_observers: tuple[Observer, ...] = tuple(content_observers)
         self.in_flight = 0
         self.tunnels = Tunnels() if tunnels is None else tunnels  # upgraded: sessions
         self.draining = False
@@ -164,8 +168,8 @@ class Proxy:
             self._idle = asyncio.Event()
             await self._idle.wait()
 
-    def _emit(self, record: TimingRecord) -> None:
-        for observer in self._observers:
+    def _emit(self, record: TimingRecord, observers: tuple[Observer, ...]) -> None:
+        for observer in observers:
             try:
                 observer.observe(record)
             except Exception:  # an observer bug must never break proxied traffic
@@ -214,37 +218,44 @@ class Proxy:
                     first_token_at, output_tokens, input_tokens, per_token = scanner.result(
                         first_byte_at
                     )
+                    told = True
                 else:
                     first_token_at = per_token = None
                     usage = state.usage
-                    output_tokens, input_tokens = (None, None) if usage is None else usage
+                    if usage is None:
+                        output_tokens = input_tokens = None
+                        told = stream
+                    else:
+                        output_tokens, input_tokens = usage
+                        told = True
                 # positional, in field order: keyword construction of a NamedTuple costs
                 # ~1 µs more per request (measured); tests/test_proxy.py checks the fields
-                self._emit(
-                    TimingRecord(
-                        start,
-                        state.sent_at,
-                        state.headers_at,
-                        state.upstream_end,
-                        first_byte_at,
-                        end,
-                        wall,
-                        request.method,
-                        route,
-                        state.status,
-                        state.bytes_in,
-                        state.bytes_out,
-                        stream,
-                        request_id,
-                        trace_id_of(headers.get("traceparent")),
-                        state.error,
-                        latency_of(start, first_byte_at, end, stream),
-                        first_token_at,
-                        per_token,
-                        output_tokens,
-                        input_tokens,
-                    )
+                record = TimingRecord(
+                    start,
+                    state.sent_at,
+                    state.headers_at,
+                    state.upstream_end,
+                    first_byte_at,
+                    end,
+                    wall,
+                    request.method,
+                    route,
+                    state.status,
+                    state.bytes_in,
+                    state.bytes_out,
+                    stream,
+                    request_id,
+                    trace_id_of(headers.get("traceparent")),
+                    state.error,
+                    latency_of(start, first_byte_at, end, stream),
+                    first_token_at,
+                    per_token,
+                    output_tokens,
+                    input_tokens,
                 )
+                self._emit(record, self._observers)
+                if told:
+                    self._emit(record, self._content_observers)
 
     def _refuse(self, state: _RequestState, status: int, kind: str, message: str) -> web.Response:
         state.status = status
