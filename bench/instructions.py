@@ -7,8 +7,18 @@ and shutdown, so their difference divided by ``large - small`` is the cost of on
 request. Requests come from a plain socket client, ``--concurrency`` keep-alive
 connections, so the client's own cost is not counted.
 
+That difference also holds the once-a-second work (windows advancing, breach rules,
+loop-lag probe) of the seconds the larger run lasted longer: under valgrind a request
+takes milliseconds, so a busy machine, which slows the runs, moves the figure by
+thousands of instructions. A third run (``--idle S``: ``--small`` requests, then S
+seconds idle) measures that work per second; the figure without it is printed too and
+stays put however loaded the machine is. (Idle seconds are a little cheaper than busy
+ones, whose windows take the second's values: that part stays in the per-request
+figure, where it belongs.)
+
     python bench/instructions.py [--proxy sidecar|bare] [--small 1000] [--large 3000]
-                                 [--path /v1/chat/completions] [--env SIDECAR_X=...]
+                                 [--idle 20] [--path /v1/chat/completions]
+                                 [--env SIDECAR_X=...]
 
 Prints one line per run and the result; ``--json`` prints it as JSON too. Needs valgrind
 and nginx (Debian packages of those names).
@@ -94,9 +104,11 @@ def _proxy_argv(kind: str, upstream: str, port: int) -> tuple[list[str], dict[st
 
 
 def count_run(
-    kind: str, upstream: str, n: int, path: str, concurrency: int, extra_env: dict[str, str]
-) -> int:
-    """Total instructions of one proxy process that served ``n`` requests (+1 probe)."""
+    kind: str, upstream: str, n: int, path: str, concurrency: int, extra_env: dict[str, str],
+    idle_s: float = 0.0,
+) -> tuple[int, float]:  # fmt: skip
+    """Total instructions of one proxy process that served ``n`` requests (+1 probe),
+    then idled ``idle_s``; and the seconds it ran after it was ready (its ticking time)."""
     port = free_port()
     argv, env = _proxy_argv(kind, upstream, port)
     env.update(extra_env)
@@ -108,17 +120,21 @@ def count_run(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        ready = time.monotonic()
         try:
             _wait_http(port, 600)  # python under valgrind starts slowly on a busy machine
+            ready = time.monotonic()
             _client(port, path, n, concurrency)
+            time.sleep(idle_s)
         finally:
+            ran = time.monotonic() - ready
             proc.send_signal(signal.SIGTERM)
             proc.wait(180)
         text = out.read_text(errors="replace")
     m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
     if not m:
         raise RuntimeError("no totals in the callgrind output")
-    return int(m.group(1))
+    return int(m.group(1)), ran
 
 
 def main() -> int:
@@ -129,6 +145,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--path", default="/v1/chat/completions")
     parser.add_argument("--env", action="append", default=[], metavar="SIDECAR_X=VALUE")
+    parser.add_argument(
+        "--idle", type=float, default=20.0, metavar="S",
+        help="a third run: --small requests, then S seconds idle (0: none)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     extra = dict(e.split("=", 1) for e in args.env)
@@ -140,17 +160,35 @@ def main() -> int:
         try:
             wait_port(up_port)
             upstream = f"http://127.0.0.1:{up_port}"
-            totals = {}
-            for n in (args.small, args.large):
-                totals[n] = count_run(args.proxy, upstream, n, args.path, args.concurrency, extra)
-                print(f"{args.proxy}: {n} requests -> {totals[n]:,} instructions", flush=True)
+            runs = [(args.small, 0.0), (args.large, 0.0)]
+            if args.idle > 0:
+                runs.append((args.small, args.idle))
+            got = []
+            for n, idle in runs:
+                total, ran = count_run(
+                    args.proxy, upstream, n, args.path, args.concurrency, extra, idle
+                )
+                got.append((total, ran))
+                print(f"{args.proxy}: {n} requests, {idle:.0f} s idle -> {total:,} "
+                      f"instructions in {ran:.1f} s", flush=True)  # fmt: skip
         finally:
             nginx.terminate()
             nginx.wait(10)
-    per_request = (totals[args.large] - totals[args.small]) / (args.large - args.small)
+    (small, small_s), (large, large_s) = got[0], got[1]
+    n = args.large - args.small
+    per_request = (large - small) / n
     print(f"{args.proxy}: {per_request:,.0f} instructions per request")
+    doc: dict[str, object] = {"proxy": args.proxy, "per_request": round(per_request), **extra}
+    if args.idle > 0:
+        idle, idle_s = got[2]
+        per_second = (idle - small) / (idle_s - small_s)
+        own = (large - small - per_second * (large_s - small_s)) / n
+        print(f"{args.proxy}: {per_second:,.0f} instructions per second of once-a-second "
+              f"work (idle); {own:,.0f} per request without it "
+              f"(the large run took {large_s - small_s:.1f} s longer)")  # fmt: skip
+        doc.update(per_second_idle=round(per_second), per_request_without_ticks=round(own))
     if args.json:
-        print(json.dumps({"proxy": args.proxy, "per_request": round(per_request), **extra}))
+        print(json.dumps(doc))
     return 0
 
 

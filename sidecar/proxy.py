@@ -152,8 +152,13 @@ class Proxy:
         self.draining = False
         self._idle: asyncio.Event | None = None
 
-    def add_observer(self, observer: Observer) -> None:
-        self._observers = (*self._observers, observer)
+    def add_observer(self, observer: Observer, *, content: bool = False) -> None:
+        """One more observer of every record (``content``: of the records of answers
+        whose content said something, as ``content_observers``)."""
+        if content:
+            self._content_observers = (*self._content_observers, observer)
+        else:
+            self._observers = (*self._observers, observer)
 
     async def __aenter__(self) -> Proxy:
         self._loop = asyncio.get_running_loop()

@@ -29,6 +29,7 @@ from sidecar.percentiles import Percentiles
 from sidecar.record import TimingRecord
 from sidecar.runtime.netstat import listen_queue
 
+from .conftest import Records
 from .exact import exact
 
 T = TypeVar("T")
@@ -549,3 +550,24 @@ def test_unary_windows_are_the_unary_requests_alone():
             rel = 2 ** (2.0**-resolution) - 1 + 0.01
             for q, value in zip((0.5, 0.95, 0.99), got, strict=True):
                 assert value == pytest.approx(exact(values, q), rel=rel), (route, q)
+
+
+async def test_content_observers_hear_of_streams_and_reported_usage_only(proxied):
+    """The anatomy costs a plain unary answer nothing: observers of content (the
+    anatomy) are told of streams and of answers that reported usage, not of the rest."""
+    up, sc, records, client, base = proxied
+    content = Records()
+    sc.proxy.add_observer(content, content=True)
+    fast = {"X-Test-TTFT-Ms": "1", "X-Test-Gap-Ms": "1", "X-Test-Tokens": "3"}
+    body = {"model": "m", "messages": MESSAGES}
+    async with client.get(f"{base}/sleep/1") as r:  # unary, nothing reported
+        await r.read()
+    async with client.post(f"{base}{ROUTE}", json={**body, "stream": False}, headers=fast) as r:
+        assert (await r.json())["usage"]["completion_tokens"] == 3
+    async with client.post(f"{base}{ROUTE}", json={**body, "stream": True}, headers=fast) as r:
+        await r.read()
+    everything = await records.wait_for(3)
+    told = await content.wait_for(2)
+    assert [r.stream for r in everything] == [False, False, True]
+    assert [r.request_id for r in told] == [r.request_id for r in everything[1:]]
+    assert told[0].output_tokens == 3 and told[1].first_token_at is not None
