@@ -397,7 +397,8 @@ class Proxy:
                     state.bytes_out += len(chunk)
                     await response.write(chunk)
                     before, last = last, chunk
-                if before or b'"usage"' in last:  # one chunk without usage: nothing to read
+                # one chunk without usage: nothing to read (find: `in` costs a TypeError)
+                if before or last.find(b'"usage"') >= 0:
                     state.usage = usage_of(before, last)
             state.upstream_end = _perf()
         except ConnectionResetError:
