@@ -5,8 +5,10 @@ who made a breach. A real upstream emits real SSE; some requests come from the o
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
+import math
 import random
 import socket
 import sys
@@ -24,7 +26,7 @@ from sidecar.anatomy.usage import usage_of
 from sidecar.connections import GuardedHandler
 from sidecar.events import FIELDS
 from sidecar.histogram import native_buckets
-from sidecar.metrics import Metrics, RequestMetrics
+from sidecar.metrics import OVERHEAD_BUCKETS_S, Metrics, RequestMetrics
 from sidecar.percentiles import Percentiles
 from sidecar.record import TimingRecord
 from sidecar.runtime.netstat import listen_queue
@@ -504,10 +506,10 @@ def _unary_stats(windows: Percentiles, route: str) -> tuple[int, list[float]]:
 
 
 def test_unary_windows_are_the_unary_requests_alone():
-    """Unary upstream and overhead windows come once a tick from the per-route native
-    histograms, which streams share: counts exact (streams taken away), quantiles within
-    the two resolutions (2.2% wide native buckets, then the 1% sketch), also after a
-    series lowered its resolution."""
+    """Unary upstream and overhead windows come once a tick from the per-route
+    histograms, which streams share: counts exact (streams taken away); upstream
+    quantiles within 2.2% wide native buckets and the 1% sketch, also after a series
+    lowered its resolution; overhead quantiles at the middle of their classic bucket."""
     metrics = Metrics([0.1, 1.0])
     observer = RequestMetrics(metrics)
     latency = Percentiles([60])
@@ -539,17 +541,21 @@ def test_unary_windows_are_the_unary_requests_alone():
     assert native is not None
     schema = native_buckets(native).schema
     assert schema < 5  # it did lower its resolution
+    qs = (0.5, 0.95, 0.99)
     for route in ("/a", "/b"):
-        for windows, values, resolution in (
-            (anatomy.upstream, headers[route], schema if route == "/b" else 5),
-            (anatomy.overhead, overheads[route], 5),
-        ):
-            count, got = _unary_stats(windows, route)
-            assert count == len(values), (route, windows is anatomy.upstream)
-            # a native bucket's width, then the sketch's 1%
-            rel = 2 ** (2.0**-resolution) - 1 + 0.01
-            for q, value in zip((0.5, 0.95, 0.99), got, strict=True):
-                assert value == pytest.approx(exact(values, q), rel=rel), (route, q)
+        count, got = _unary_stats(anatomy.upstream, route)
+        assert count == len(headers[route]), route
+        rel = 2 ** (2.0 ** -(schema if route == "/b" else 5)) - 1 + 0.01  # bucket, sketch
+        for q, value in zip(qs, got, strict=True):
+            assert value == pytest.approx(exact(headers[route], q), rel=rel), (route, q)
+        # overhead: to the classic bucket, counted at its geometric middle
+        count, got = _unary_stats(anatomy.overhead, route)
+        assert count == len(overheads[route]), route
+        bounds = OVERHEAD_BUCKETS_S
+        for q, value in zip(qs, got, strict=True):
+            i = bisect.bisect_left(bounds, exact(overheads[route], q))
+            low = bounds[i - 1] if i else bounds[0] / 2
+            assert value == pytest.approx(math.sqrt(low * bounds[i]), rel=0.01), (route, q)
 
 
 async def test_content_observers_hear_of_streams_and_reported_usage_only(proxied):

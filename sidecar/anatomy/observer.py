@@ -68,7 +68,7 @@ class Anatomy:
             self._unary.streamed(
                 route,
                 None if headers_at is None else native_index(headers_at - sent_at, SCHEMA),
-                None if overhead is None else native_index(overhead, SCHEMA),
+                overhead,
             )
         if record.error == CLIENT_DISCONNECT:
             return  # never completed
