@@ -204,7 +204,9 @@ async def test_fleet_percentiles_are_those_of_the_union(upstream, redis_server):
                     low = exact(up.durations, q) * 1000 * 0.99
                     high = exact(client_times, q) * 1000 * 1.01
                     assert low <= stats[key] <= high, (window, key, low, stats[key], high)
-                assert stats["max_ms"] <= max(client_times) * 1000
+                # the sidecar's clock stops when its handler ends, which can be a little
+                # after the client read the last byte: the quantiles' 1% again
+                assert stats["max_ms"] <= max(client_times) * 1000 * 1.01
             mets.append({k: d["routes"][ROUTE]["10"][k] for k, _ in QS})
         assert all(m == mets[0] for m in mets)  # every pod sees the same fleet
         for key, q in QS:
