@@ -49,7 +49,7 @@ async def test_percentiles_agree_with_client_side_exact_percentiles(proxied):
         low = exact(up.durations, q) * 1000 * 0.99
         high = exact(client_times, q) * 1000 * 1.01
         assert low <= stats[key] <= high, (key, low, stats[key], high)
-    assert stats["max_ms"] <= max(client_times) * 1000
+    assert stats["max_ms"] <= max(client_times) * 1000 * 1.01  # as the quantiles
 
 
 async def test_streams_are_measured_by_first_byte(proxied):
