@@ -71,7 +71,7 @@ class Sidecar:
         self.detector = BreachDetector(
             policy, self.percentiles, self.bus, self.metrics, self.anatomy, self.loop_lag
         )
-        self.fleet = Fleet(s, self.percentiles, self.bus, self.metrics) if s.fleet else None
+        self.fleet = Fleet(s, policy, self.percentiles, self.bus, self.metrics) if s.fleet else None
         self.proxy = Proxy(
             s.upstream_url,
             self.labeler,

@@ -24,8 +24,7 @@ import logging
 import uuid
 from typing import Any
 
-from ..breach import HYSTERESIS, Rule, latency_rules, rule_event
-from ..config import Settings
+from ..breach import HYSTERESIS, BreachPolicy, Rule, latency_rules, rule_event
 from ..events import BREACH, FLEET_SCOPE, RESOLVED, Event, EventBus
 from ..percentiles import EMPTY, Key
 from .store import FleetStore, Lease, key_of, member_of
@@ -42,18 +41,21 @@ def rule_id(key: Key, rule: Rule) -> str:
 
 class FleetBreaches:
     def __init__(
-        self, settings: Settings, store: FleetStore, view: FleetView, bus: EventBus
-    ) -> None:
+        self, policy: BreachPolicy, fleet: str, stream: str, maxlen: int,
+        store: FleetStore, view: FleetView, bus: EventBus,
+    ) -> None:  # fmt: skip
+        """``policy``: the instance detector's (window, minimum samples, thresholds);
+        ``stream`` and ``maxlen``: the Redis Stream the events go to, and its cap."""
         self._store = store
         self._view = view
         self._bus = bus
-        self._fleet = settings.fleet
-        self._instance = settings.instance
-        self._window = settings.breach_window_s
-        self._min = settings.min_samples
-        self._stream = settings.redis_stream
-        self._maxlen = settings.redis_maxlen
-        self.rules = latency_rules(settings.p95_threshold_ms, settings.p99_threshold_ms)
+        self._fleet = fleet
+        self._instance = policy.instance
+        self._window = policy.window_s
+        self._min = policy.min_samples
+        self._stream = stream
+        self._maxlen = maxlen
+        self.rules = latency_rules(policy.p95_threshold_ms, policy.p99_threshold_ms)
 
     async def evaluate(self, lease: Lease) -> list[Event]:
         """Judge the fleet window; apply the state changes; deliver queued events.

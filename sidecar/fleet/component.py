@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from ..breach import BreachPolicy
 from ..config import Settings
 from ..events import EventBus
 from ..ids import new_id
@@ -42,6 +43,7 @@ class Fleet:
     def __init__(
         self,
         settings: Settings,
+        policy: BreachPolicy,
         percentiles: Percentiles,
         bus: EventBus,
         metrics: Metrics,
@@ -58,11 +60,13 @@ class Fleet:
         self.view = FleetView(self.store, s.fleet, s.windows_s)
         self.lease = LeaseHolder()
         self.breaches = (
-            FleetBreaches(s, self.store, self.view, bus)
+            FleetBreaches(
+                policy, s.fleet, s.redis_stream, s.redis_maxlen, self.store, self.view, bus
+            )
             if s.breach_scope in ("fleet", "both")
             else None
         )
-        self._eval_interval = s.eval_interval_s
+        self._eval_interval = policy.eval_interval_s
         self._next_eval = 0.0
         self._ticked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
