@@ -23,9 +23,10 @@ the metrics' series cap (their series fold into ``route="other"``).
 
 from __future__ import annotations
 
+import functools
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..histogram import ZERO_INDEX, HistogramSeries, NativeHistogramSeries
 from ..percentiles import Key, Percentiles
@@ -47,9 +48,6 @@ class UnaryWindows:
         # their overhead values
         self._streamed: dict[str, tuple[dict[int, int], list[float]]] = {}
         self._classic: dict[str, list[int]] = {}  # route -> overhead counts, last tick
-        # schema -> native index -> (sketch bucket, upper bound), filled as met
-        self._buckets: dict[int, dict[int, tuple[int, float]]] = {}
-        self._classic_buckets: dict[tuple[float, ...], list[tuple[int, float]]] = {}
 
     def streamed(self, route: str, header: int | None, overhead: float | None) -> None:
         """A stream put its upstream header time (native index at `SCHEMA`,
@@ -97,24 +95,7 @@ class UnaryWindows:
                 gained[index] = left
             else:
                 gained.pop(index, None)
-        if not gained:
-            return
-        table = self._buckets.get(schema)
-        if table is None:
-            table = self._buckets[schema] = {}
-        counts: dict[int, int] = {}
-        total = 0
-        top = 0.0
-        for index, n in gained.items():
-            got = table.get(index)
-            if got is None:
-                got = table[index] = _sketch_bucket(schema, index)
-            bucket, value = got
-            counts[bucket] = counts.get(bucket, 0) + n
-            total += n
-            if value > top:
-                top = value
-        self.upstream.add_counts(key, counts, total, top)
+        _put(self.upstream, key, ((_native_bucket(schema, i), n) for i, n in gained.items()))
 
     def _add_classic(
         self,
@@ -130,23 +111,26 @@ class UnaryWindows:
         if minus:
             for value in minus[1]:
                 gained[bisect_left(bounds, value)] -= 1
-        table = self._classic_buckets.get(tuple(bounds))
-        if table is None:
-            table = self._classic_buckets[tuple(bounds)] = _classic_table(bounds)
-        out: dict[int, int] = {}
-        total = 0
-        top = 0.0
-        for i, n in enumerate(gained):
-            if n > 0:
-                bucket, value = table[i]
-                out[bucket] = out.get(bucket, 0) + n
-                total += n
-                top = max(top, value)
-        if total:
-            self.overhead.add_counts(key, out, total, top)
+        table = _classic_table(tuple(bounds))
+        _put(self.overhead, key, ((table[i], n) for i, n in enumerate(gained) if n > 0))
 
 
-def _sketch_bucket(schema: int, index: int) -> tuple[int, float]:
+def _put(windows: Percentiles, key: Key, buckets: Iterable[tuple[tuple[int, float], int]]) -> None:
+    """Add counts of (sketch bucket, upper bound) pairs to ``key``'s sub-window."""
+    counts: dict[int, int] = {}
+    total = 0
+    top = 0.0
+    for (bucket, value), n in buckets:
+        counts[bucket] = counts.get(bucket, 0) + n
+        total += n
+        if value > top:
+            top = value
+    if total:
+        windows.add_counts(key, counts, total, top)
+
+
+@functools.lru_cache(maxsize=4096)
+def _native_bucket(schema: int, index: int) -> tuple[int, float]:
     """The sketch bucket of a native bucket's middle, and the native bucket's upper bound."""
     if index == ZERO_INDEX:
         return bucket_of(0.0), 0.0
@@ -154,7 +138,8 @@ def _sketch_bucket(schema: int, index: int) -> tuple[int, float]:
     return bucket_of(2.0 ** ((index - 0.5) * width)), 2.0 ** (index * width)
 
 
-def _classic_table(bounds: Sequence[float]) -> list[tuple[int, float]]:
+@functools.lru_cache(maxsize=16)
+def _classic_table(bounds: tuple[float, ...]) -> list[tuple[int, float]]:
     """Per classic bucket (the last is +Inf): the sketch bucket of its geometric middle
     and its upper bound (+Inf: twice the last bound, for both)."""
     table = []
