@@ -223,16 +223,9 @@ class Proxy:
                     first_token_at, output_tokens, input_tokens, per_token = scanner.result(
                         first_byte_at
                     )
-                    told = True
                 else:
                     first_token_at = per_token = None
-                    usage = state.usage
-                    if usage is None:
-                        output_tokens = input_tokens = None
-                        told = stream
-                    else:
-                        output_tokens, input_tokens = usage
-                        told = True
+                    output_tokens, input_tokens = state.usage or (None, None)
                 # positional, in field order: keyword construction of a NamedTuple costs
                 # ~1 µs more per request (measured); tests/test_proxy.py checks the fields
                 record = TimingRecord(
@@ -259,7 +252,7 @@ class Proxy:
                     input_tokens,
                 )
                 self._emit(record, self._observers)
-                if told:
+                if stream or state.usage is not None:  # a stream is all a scanner reads
                     self._emit(record, self._content_observers)
 
     def _refuse(self, state: _RequestState, status: int, kind: str, message: str) -> web.Response:
