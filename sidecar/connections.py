@@ -66,8 +66,9 @@ class GuardedHandler(RequestHandler):
     ``head_at`` is when the read that completed the latest request head happened
     (`time.perf_counter`): the earliest the process sees a request. The proxy's handler
     runs later, after whatever else the event loop had queued; it takes its start
-    from here. (Pipelined heads read separately before the first one's handler starts
-    share the latest time: later than the truth, never earlier.)"""
+    from here and clears it. (Pipelined heads read separately before the first one's
+    handler starts: the first takes the latest read's time, the others their handler's
+    start; later than the truth, never earlier.)"""
 
     __slots__ = ("_guard", "_head_timer", "_stall_mark", "_stall_since", "head_at")
 

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -181,13 +181,18 @@ class Proxy:
                 log.exception("observer %r failed", observer)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        start = _perf()
+        # When the head was read (connections.GuardedHandler.head_at; `_protocol`: no
+        # property call): under load the handler starts later, and that wait is the
+        # sidecar's own time too. Each read time starts one request: the next head on
+        # the connection sets its own; one parsed elsewhere (after a declined upgrade),
+        # or served by aiohttp's plain handler, starts now.
+        protocol: Any = request._protocol
+        start = getattr(protocol, "head_at", None)
+        if start is None:
+            start = _perf()
+        else:
+            protocol.head_at = None
         wall = _wall()
-        # when the head was read (connections.GuardedHandler): under load the handler
-        # starts later, and that wait is the sidecar's own time too
-        head_at = getattr(request.protocol, "head_at", None)
-        if head_at is not None and head_at < start:
-            start = head_at
         self.in_flight += 1
         headers = request.headers
         client_id = headers.get(X_REQUEST_ID)

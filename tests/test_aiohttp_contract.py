@@ -176,3 +176,23 @@ async def test_response_handler_parses_a_response_head():
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_request_holds_its_connection_handler_as_protocol():
+    """proxy.py reads ``request._protocol`` (the handler that read the head, for its
+    ``head_at``) instead of the ``protocol`` property, a call less per request."""
+    seen: list[bool] = []
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(request._protocol is request.protocol)
+        return web.Response()
+
+    server = await asyncio.get_running_loop().create_server(web.Server(handler), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as client, client.get(f"http://127.0.0.1:{port}/"):
+            pass
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == [True], f"aiohttp {aiohttp.__version__}: BaseRequest._protocol is gone"

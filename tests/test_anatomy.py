@@ -486,6 +486,33 @@ async def test_early_timestamp_counts_the_wait_before_the_handler(proxied, monke
     assert rec.sent_at - rec.start >= 0.2
 
 
+async def test_a_request_never_starts_before_its_bytes_arrived(proxied):
+    """A head read while the connection waits out a declined upgrade is parsed only
+    when that exchange ends: its request starts then, not at the earlier upgrade
+    request's read (each read time starts one request)."""
+    up, sc, records, client, base = proxied
+    up.expect_arrivals = 1
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    try:
+        writer.write(
+            b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.wait_for(up.arrived_event.wait(), 10)  # the first is being handled
+        sent = time.perf_counter()
+        writer.write(b"GET /echo/second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        up.release.set()
+        async with asyncio.timeout(10):
+            answers = await reader.read()
+    finally:
+        writer.close()
+    assert answers.count(b"HTTP/1.1 200") == 2
+    first, second = await records.wait_for(2)
+    assert (first.status, second.status) == (200, 200)
+    assert second.start >= sent > first.start
+
+
 def _exchange(route: str, stream: bool, header_s: float, overhead_s: float) -> TimingRecord:
     """A record whose upstream answered its headers after ``header_s`` and whose sidecar
     time (before sending plus after the upstream's end) is ``overhead_s``."""
