@@ -145,7 +145,7 @@ def upper_bound(index: int, schema: int) -> float:
 class NativeHistogramSeries(HistogramSeries):
     """A series with native buckets next to its classic ones (see the module doc)."""
 
-    __slots__ = ("_ckeys", "_counts", "_factor", "_gained", "_limit", "_lost", "_schema")
+    __slots__ = ("_ckeys", "_counts", "_factor", "_limit", "_schema", "_taken")
 
     def __init__(self, bounds: Sequence[float], schema: int, max_buckets: int) -> None:
         super().__init__(bounds)
@@ -157,24 +157,32 @@ class NativeHistogramSeries(HistogramSeries):
         counts[_SCHEMA] = schema
         self._limit = len(counts) + max_buckets
         self._counts = counts
-        self._gained: dict[int, int] | None = None  # see `track`
-        self._lost = False
+        self._taken: dict[int, int] | None = None  # the counts as of `take_gained`
 
     def track(self) -> None:
-        """Keep, from now on, what the positive and zero buckets gain between two
-        `take_gained` calls (one more dict increment per observation)."""
-        if self._gained is None:
-            self._gained = {}
+        """Make `take_gained` answer from now on."""
+        if self._taken is None:
+            self._taken = self._counts.copy()
 
     def take_gained(self) -> tuple[int, dict[int, int]] | None:
-        """(schema, bucket index -> count gained since the previous call, with
-        `ZERO_INDEX` for the zero bucket), or None when the resolution changed in
-        between (what was gained then is dropped). Loop thread only."""
-        gained, self._gained = self._gained, {}
-        if self._lost:
-            self._lost = False
+        """(schema, bucket index -> count gained since the previous call or `track`,
+        finite positive buckets and `ZERO_INDEX` for the zero bucket), or None when
+        the resolution changed in between (what was gained then is dropped) or the
+        series was not tracked. The difference of two copies of the counts, taken by
+        the reader (once a second): nothing more per observation. Loop thread only."""
+        counts = self._counts.copy()
+        taken, self._taken = self._taken, counts
+        if taken is None or taken[_SCHEMA] != counts[_SCHEMA]:
             return None
-        return self._schema, gained or {}
+        gained: dict[int, int] = {}
+        if taken != counts:
+            overflow = int(1024 * self._factor) + 1  # +Inf's bucket (`_key`): left out
+            for key, n in counts.items():
+                if -_SPAN < key < overflow or key == _ZERO:
+                    was = taken.get(key, 0)
+                    if n != was:
+                        gained[key] = n - was
+        return counts[_SCHEMA], gained
 
     def observe(self, value: float, trace_id: str | None = None) -> None:
         i = bisect_left(self.bounds, value)
@@ -187,9 +195,6 @@ class NativeHistogramSeries(HistogramSeries):
                 counts[key] += 1
             except KeyError:
                 self._add_bucket(key)
-            gained = self._gained
-            if gained is not None:
-                gained[key] = gained.get(key, 0) + 1
         else:
             self._observe_rare(value)
         if trace_id is not None:
@@ -210,9 +215,6 @@ class NativeHistogramSeries(HistogramSeries):
         counts = self._counts
         if -ZERO_THRESHOLD <= value <= ZERO_THRESHOLD:
             counts[_ZERO] += 1
-            gained = self._gained
-            if gained is not None:
-                gained[_ZERO] = gained.get(_ZERO, 0) + 1
             return
         if value > 0:
             key = self._key(value)
@@ -239,9 +241,6 @@ class NativeHistogramSeries(HistogramSeries):
                 merged[key] = merged.get(key, 0) + n
             self._schema -= 1
             self._factor = 2.0**self._schema
-            if self._gained is not None:  # gained at the old resolution: dropped
-                self._gained = {}
-                self._lost = True
             merged[_SCHEMA] = self._schema
             counts = merged
         self._counts = counts  # one rebinding: a concurrent copy sees old or new, whole

@@ -182,7 +182,7 @@ class RequestMetrics:
 
     def route_series(self) -> Mapping[str, tuple[HistogramSeries, HistogramSeries]]:
         """Route -> its (upstream header, overhead) series, routes past the cap left out;
-        native ones keep what they gained since their last `take_gained`."""
+        native ones tracked (`take_gained` answers) from their first request."""
         return self._route_children
 
     def observe(self, record: TimingRecord) -> None:

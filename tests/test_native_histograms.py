@@ -21,6 +21,7 @@ from sidecar import promproto as pb
 from sidecar.exposition import negotiate
 from sidecar.exposition_pb import generate
 from sidecar.histogram import (
+    ZERO_INDEX,
     ZERO_THRESHOLD,
     HistogramSet,
     NativeHistogramSeries,
@@ -99,6 +100,31 @@ def test_bucket_limit_halves_the_resolution_and_keeps_every_count():
     buckets = native.buckets()
     assert len(buckets) <= 40
     assert buckets == Counter(bucket_index(v, native.schema) for v in values)
+
+
+def test_take_gained_is_what_finite_positive_and_zero_buckets_gained_since_last_time():
+    """What anatomy/unary.py reads once a second: gains between two calls, +Inf,
+    negative and NaN left out; nothing when untracked; a resolution change drops
+    the second it happened in and the next call answers again."""
+    series = NativeHistogramSeries((1.0,), schema=5, max_buckets=40)
+    series.observe(0.5)
+    assert series.take_gained() is None  # not tracked
+    series.track()
+    assert series.take_gained() == (5, {})
+    for v in (0.5, 0.5, 0.003, 0.0, -1.0, math.inf, math.nan):
+        series.observe(v)
+    assert series.take_gained() == (
+        5, {bucket_index(0.5, 5): 2, bucket_index(0.003, 5): 1, ZERO_INDEX: 1}
+    )  # fmt: skip
+    assert series.take_gained() == (5, {})
+    rng = random.Random(5)
+    for _ in range(2000):  # past 40 buckets: the resolution halves
+        series.observe(rng.lognormvariate(-3, 1.0))
+    assert series.take_gained() is None
+    series.observe(0.5)
+    schema, gained = series.take_gained() or (None, None)
+    assert schema is not None and schema < 5
+    assert gained == {bucket_index(0.5, schema): 1}
 
 
 @given(

@@ -8,8 +8,9 @@ stream with `streamed`, so the subtraction is exact) and adds the rest to the
 ``(route, False)`` sub-windows of the anatomy's upstream and overhead percentiles:
 
 * upstream, from `sidecar_upstream_header_seconds` (native, schema 5: buckets 2.2%
-  wide, whose gains the series keep: `NativeHistogramSeries.track`), each bucket
-  counted at its middle: within about 2% (the bucket, then the windows' 1%);
+  wide; a copy of a route's native counts per tick, diffed with the last one:
+  `NativeHistogramSeries.take_gained`), each bucket counted at its middle: within
+  about 2% (the bucket, then the windows' 1%);
 * overhead, from the classic buckets of `sidecar_overhead_seconds` (a copy of a
   route's ~17 counts per tick), each bucket counted at its geometric middle: to the
   bucket (each a factor 2 to 2.5 wide). Enough for the `cause` rule, which asks whether
