@@ -85,7 +85,7 @@ def per_stream_cost(reads: list[bytes], streams: int, anatomy: Anatomy) -> float
         for data in reads:
             now += 0.02
             feed(data, now)
-        first, out, inp, per_token = scanner.result(float(i))
+        first, per_token, out, inp = scanner.result(float(i))
         record = TimingRecord(
             float(i), float(i) + 0.001, float(i) + 0.01, now, float(i) + 0.011, now + 0.001,
             0.0, "POST", "/v1/chat/completions", 200, 200, 10_000, True, "r", None, None,

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -39,11 +39,22 @@ from .forwarding import (
     upgrade_head,
 )
 from .ids import new_id
-from .record import CLIENT_DISCONNECT, CLIENT_TIMEOUT, Observer, TimingRecord, latency_of
+from .record import (
+    CLIENT_DISCONNECT,
+    CLIENT_TIMEOUT,
+    NO_ANATOMY,
+    AnatomyFields,
+    Observer,
+    TimingRecord,
+    latency_of,
+)
 from .responses import error_response
 from .routes import RouteLabeler
 from .tunnel import Tunnels
 from .upstream import ConnectFailed, UpstreamPool, UpstreamReset
+
+if TYPE_CHECKING:
+    from .connections import GuardedHandler
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +195,10 @@ class Proxy:
         # When the head was read (connections.GuardedHandler.head_at; `_protocol`: no
         # property call): under load the handler starts later, and that wait is the
         # sidecar's own time too. Each read time starts one request: the next head on
-        # the connection sets its own; one parsed elsewhere (after a declined upgrade),
-        # or served by aiohttp's plain handler, starts now.
-        protocol: Any = request._protocol
-        start = getattr(protocol, "head_at", None)
+        # the connection sets its own; one parsed elsewhere (after a declined upgrade)
+        # starts now.
+        protocol: GuardedHandler = request._protocol  # type: ignore[assignment]
+        start = protocol.head_at
         if start is None:
             start = _perf()
         else:
@@ -223,14 +234,7 @@ class Proxy:
             else:
                 first_byte_at = state.first_byte_at
                 stream = state.stream
-                scanner = state.scanner
-                if scanner is not None:
-                    first_token_at, output_tokens, input_tokens, per_token = scanner.result(
-                        first_byte_at
-                    )
-                else:
-                    first_token_at = per_token = None
-                    output_tokens, input_tokens = state.usage or (None, None)
+                anatomy = state.anatomy
                 # positional, in field order: keyword construction of a NamedTuple costs
                 # ~1 µs more per request (measured); tests/test_proxy.py checks the fields
                 record = TimingRecord(
@@ -251,13 +255,10 @@ class Proxy:
                     trace_id_of(headers.get("traceparent")),
                     state.error,
                     latency_of(start, first_byte_at, end, stream),
-                    first_token_at,
-                    per_token,
-                    output_tokens,
-                    input_tokens,
+                    *anatomy,
                 )
                 self._emit(record, self._observers)
-                if stream or state.usage is not None:  # a stream is all a scanner reads
+                if stream or anatomy is not NO_ANATOMY:  # the answer's content spoke
                     self._emit(record, self._content_observers)
 
     def _refuse(self, state: _RequestState, status: int, kind: str, message: str) -> web.Response:
@@ -397,7 +398,9 @@ class Proxy:
                     before, last = last, chunk
                 # one chunk without usage: nothing to read (find: `in` costs a TypeError)
                 if before or last.find(b'"usage"') >= 0:
-                    state.usage = usage_of(before, last)
+                    usage = usage_of(before, last)
+                    if usage is not None:
+                        state.anatomy = (None, None, *usage)
             state.upstream_end = _perf()
         except ConnectionResetError:
             # the client went away mid-response; aiohttp finishes quietly with this
@@ -424,19 +427,25 @@ class Proxy:
     ) -> None:
         """A text/event-stream body, chunk by chunk as it arrives, scanned for its
         first token, output chunks and usage (anatomy/sse.py)."""
-        scanner = state.scanner = SseScanner()
+        scanner = SseScanner()
         feed = scanner.feed
-        async for chunk in body.iter_any():
-            now = _perf()
-            if state.first_byte_at is None:
-                state.first_byte_at = now
+        try:
+            async for chunk in body.iter_any():
+                now = _perf()
+                if state.first_byte_at is None:
+                    state.first_byte_at = now
+                try:
+                    feed(chunk, now)
+                except Exception:  # a scanner bug must never break proxied traffic
+                    log.exception("SSE scanner failed")
+                    feed = _ignore
+                state.bytes_out += len(chunk)
+                await response.write(chunk)
+        finally:  # however the stream ended
             try:
-                feed(chunk, now)
-            except Exception:  # a scanner bug must never break proxied traffic
+                state.anatomy = scanner.result(state.first_byte_at)
+            except Exception:
                 log.exception("SSE scanner failed")
-                feed = _ignore
-            state.bytes_out += len(chunk)
-            await response.write(chunk)
 
     def _check_old_version(
         self, request: web.BaseRequest, state: _RequestState
@@ -495,6 +504,7 @@ class _RequestState:
     """Mutable scratch state of one request; frozen into a TimingRecord at the end."""
 
     __slots__ = (
+        "anatomy",
         "bytes_in",
         "bytes_out",
         "error",
@@ -502,7 +512,6 @@ class _RequestState:
         "headers_at",
         "progress_mark",
         "reading_client",
-        "scanner",
         "sent_at",
         "status",
         "stream",
@@ -510,7 +519,6 @@ class _RequestState:
         "timer",
         "uploading",
         "upstream_end",
-        "usage",
     )
 
     def __init__(self) -> None:
@@ -528,5 +536,4 @@ class _RequestState:
         self.reading_client = False
         self.progress_mark = 0
         self.timer: asyncio.TimerHandle
-        self.scanner: SseScanner | None = None  # streams: the anatomy of the answer
-        self.usage: tuple[int | None, int | None] | None = None  # unary: reported tokens
+        self.anatomy: AnatomyFields = NO_ANATOMY  # streams, answers reporting usage: their own

@@ -42,6 +42,11 @@ class TimingRecord(NamedTuple):
     input_tokens: int | None = None
 
 
+# The record's four anatomy fields, in order; what a request without them carries
+AnatomyFields = tuple[float | None, float | None, int | None, int | None]
+NO_ANATOMY: AnatomyFields = (None, None, None, None)
+
+
 def latency_of(start: float, first_byte_at: float | None, end: float, stream: bool) -> float:
     if stream and first_byte_at is not None:
         return first_byte_at - start

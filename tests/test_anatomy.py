@@ -64,7 +64,8 @@ def scan(parts: list[tuple[float, bytes]], first_byte: float = 0.0) -> tuple[Any
     s = SseScanner()
     for at, data in parts:
         s.feed(data, at)
-    return (s.shape, *s.result(first_byte))
+    first, per_token, out, inp = s.result(first_byte)
+    return s.shape, first, out, inp, per_token
 
 
 def test_openai_stream_first_token_is_the_first_content_not_ping_or_role():
@@ -83,13 +84,13 @@ def test_any_split_of_the_bytes_gives_the_same_answer():
             s = SseScanner()
             s.feed(raw[:cut], 1.0)
             s.feed(raw[cut:], 2.0)
-            first, out, inp, _ = s.result(0.5)
+            first, _, out, inp = s.result(0.5)
             assert (s.shape, out, inp) == ("openai", 3, 9), cut
             assert first in (1.0, 2.0)
         s = SseScanner()
         for i in range(len(raw)):  # one byte at a time
             s.feed(raw[i : i + 1], float(i))
-        assert s.result(0.0)[1:3] == (3, 9)
+        assert s.result(0.0)[2:] == (3, 9)
 
 
 def test_tool_calls_reasoning_and_legacy_text_are_output():
@@ -153,7 +154,8 @@ def test_unknown_shapes_fall_back_to_first_byte_and_per_chunk():
     for at, data in other:
         s.feed(data, at)
     assert s._misses == MAX_MISSES and s.shape == "unknown"
-    assert s.result(0.0)[0] == 0.0 and s.result(0.0)[3] == pytest.approx(4.9 / 49)
+    first, per_chunk, _, _ = s.result(0.0)
+    assert first == 0.0 and per_chunk == pytest.approx(4.9 / 49)
     # invalid JSON, hostile usage values, a list where an object belongs: no error
     bad = [(0.0, b'data: {"choices": [1, "x", {"delta": 5}]}\n\n'),
            (0.1, b'data: {"usage": {"completion_tokens": "many", "prompt_tokens": -3}}\n\n'),

@@ -38,6 +38,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..record import AnatomyFields
+
 MAX_EVENT = 1 << 16  # bytes of one event kept while its end has not arrived
 MAX_MISSES = 8  # candidate events parsed without recognising the shape, then give up
 
@@ -181,11 +183,10 @@ class SseScanner:
         if type(inp) is int and inp >= 0:
             self.input_tokens = inp
 
-    def result(
-        self, first_byte_at: float | None
-    ) -> tuple[float | None, int | None, int | None, float | None]:
-        """(first token time, output tokens, input tokens, time per output token or, without
-        usage, per output chunk). Called once, when the stream ended."""
+    def result(self, first_byte_at: float | None) -> AnatomyFields:
+        """(first token time, time per output token or, without usage, per output chunk,
+        output tokens, input tokens): the record's anatomy fields. Called once, when
+        the stream ended."""
         usage = self._usage_event
         data = None if usage is None else _data_of(usage)
         if data is not None:
@@ -210,7 +211,7 @@ class SseScanner:
                 per_token = max(0.0, self.last_at - first) / (tokens - 1)
             elif tokens is None and self.chunks > 1 and self._state != _DEAD:
                 per_token = max(0.0, self.last_chunk_at - first) / (self.chunks - 1)
-        return first, self.output_tokens, self.input_tokens, per_token
+        return first, per_token, self.output_tokens, self.input_tokens
 
 
 def _carries_output(data: bytes, shape: str) -> bool:
