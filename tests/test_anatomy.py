@@ -488,6 +488,32 @@ async def test_early_timestamp_counts_the_wait_before_the_handler(proxied, monke
     assert rec.sent_at - rec.start >= 0.2
 
 
+async def test_a_scanner_bug_never_breaks_the_stream(proxied, monkeypatch, caplog):
+    """The scanner raising on every read and at the end: the client still gets every
+    byte, the record still comes (without anatomy), the bug is logged."""
+    up, sc, records, client, base = proxied
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("scanner bug")
+
+    monkeypatch.setattr(SseScanner, "feed", broken)
+    monkeypatch.setattr(SseScanner, "result", broken)
+    up.sse_gate.set()
+    async with client.get(f"{base}/sse") as r:
+        body = await r.read()
+    assert r.status == 200
+    assert (
+        body
+        == b"data: first\n\n"
+        + b"".join(f"data: token-{i}\n\n".encode() for i in range(3))
+        + b"data: [DONE]\n\n"
+    )
+    (rec,) = await records.wait_for(1)
+    assert rec.stream and rec.error is None and rec.bytes_out == len(body)
+    assert (rec.first_token_at, rec.time_per_token, rec.output_tokens) == (None, None, None)
+    assert caplog.text.count("SSE scanner failed") == 2  # the first read, then the end
+
+
 async def test_a_request_never_starts_before_its_bytes_arrived(proxied):
     """A head read while the connection waits out a declined upgrade is parsed only
     when that exchange ends: its request starts then, not at the earlier upgrade
