@@ -128,7 +128,10 @@ class GuardedHandler(RequestHandler):
     ) -> web.StreamResponse:
         """A request aiohttp could not parse (or a handler bug): a short answer and
         a count; a traceback only at debug level, and only for our own bugs."""
-        if status == 500:
+        if status == 500 and isinstance(exc, ConnectionError):
+            # the client went away while it was answered (a write to a closed socket)
+            log.debug("client gone while answered: %s", type(exc).__name__)
+        elif status == 500:
             log.error("unexpected error handling a request", exc_info=exc)
         else:
             self._guard.reject("bad_request")

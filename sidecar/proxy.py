@@ -220,7 +220,9 @@ class Proxy:
             if self.draining or exc.status == 408:
                 response.force_close()
             return response
-        except asyncio.CancelledError:  # client disconnected before the response began
+        except (asyncio.CancelledError, ConnectionResetError):
+            # the client disconnected before the response began, or a write to it failed
+            # (connections.GuardedHandler logs that at debug level)
             state.error = CLIENT_DISCONNECT
             state.status = 499
             raise
@@ -419,7 +421,11 @@ class Proxy:
             if state.upstream_end is None:  # body not read to the end: never reuse it
                 connection.close()
         self._pool.release(connection)
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away before the body's end
+            state.error = CLIENT_DISCONNECT
+            state.status = 499
         return response
 
     async def _relay_stream(

@@ -6,14 +6,22 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import os
 import time
+from typing import Any
 
 import aiohttp
 import psutil
 import pytest
+from aiohttp.http_writer import StreamWriter
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
+from sidecar.connections import GuardedHandler
+from sidecar.demo.gateway import serve_gateway
+
+from .conftest import free_port
 from .upstream import GZIP_BODY
 
 
@@ -227,6 +235,49 @@ async def test_client_disconnect_cancels_upstream(proxied):
     assert rec.error == "client_disconnect"
 
 
+def _gone_at_the_end(monkeypatch: pytest.MonkeyPatch, server: type) -> None:
+    """The client of ``server``'s connections goes away just as the body's end is
+    written: the transport is closing, as after a failed write to a reset socket."""
+    write_eof = StreamWriter.write_eof
+
+    async def closing_first(self: StreamWriter, chunk: bytes = b"") -> None:
+        if isinstance(self.protocol, server) and self.transport is not None:
+            self.transport.close()
+        await write_eof(self, chunk)
+
+    monkeypatch.setattr(StreamWriter, "write_eof", closing_first)
+
+
+async def test_client_gone_at_the_bodys_end_is_a_disconnect_not_an_error(
+    proxied, monkeypatch, caplog
+):
+    up, _, records, client, base = proxied
+    _gone_at_the_end(monkeypatch, GuardedHandler)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(f"{base}/chunked") as r:
+            await r.read()
+    (rec,) = await records.wait_for(1)
+    assert (rec.status, rec.error) == (499, "client_disconnect")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_demo_gateway_stream_whose_client_went_away_logs_nothing(monkeypatch, caplog):
+    port = free_port()
+    runner = await serve_gateway("127.0.0.1", port, seed=1)
+    _gone_at_the_end(monkeypatch, RequestHandler)
+    try:
+        async with aiohttp.ClientSession() as client:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with client.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json={"model": "m", "stream": True, "messages": []},
+                ) as r:
+                    await r.read()
+    finally:
+        await runner.cleanup()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 async def test_head_204_304(proxied):
     _, _, _, client, base = proxied
     async with client.head(f"{base}/download/1234") as r:
@@ -258,6 +309,30 @@ async def test_expect_100_continue(proxied):
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_client_gone_at_the_100_continue_is_a_disconnect_not_an_error(
+    proxied, monkeypatch, caplog
+):
+    _, sc, records, _, _ = proxied
+    write = StreamWriter.write
+
+    async def closing_first(self: StreamWriter, chunk: bytes, **kwargs: Any) -> None:
+        if bytes(chunk).startswith(b"HTTP/1.1 100") and self.transport is not None:
+            self.transport.close()
+        await write(self, chunk, **kwargs)
+
+    monkeypatch.setattr(StreamWriter, "write", closing_first)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.proxy_port)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+    writer.close()
+    (rec,) = await records.wait_for(1)
+    assert (rec.status, rec.error) == (499, "client_disconnect")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 async def test_websocket_upgrade_is_forwarded(proxied):

@@ -158,9 +158,9 @@ class DemoGateway:
                 usage = {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n}
                 await resp.write(chunk(None, usage=usage))
             await resp.write(b"data: [DONE]\n\n")
-        except ConnectionResetError:  # the client stopped reading: nothing to finish
-            return resp
-        await resp.write_eof()
+            await resp.write_eof()
+        except ConnectionResetError:  # the client went away: nothing to finish
+            pass
         return resp
 
     async def embeddings(self, request: web.Request) -> web.Response:
