@@ -175,13 +175,11 @@ class NativeHistogramSeries(HistogramSeries):
         if taken is None or taken[_SCHEMA] != counts[_SCHEMA]:
             return None
         gained: dict[int, int] = {}
-        if taken != counts:
-            overflow = int(1024 * self._factor) + 1  # +Inf's bucket (`_key`): left out
-            for key, n in counts.items():
-                if -_SPAN < key < overflow or key == _ZERO:
-                    was = taken.get(key, 0)
-                    if n != was:
-                        gained[key] = n - was
+        overflow = int(1024 * self._factor) + 1  # +Inf's bucket (`_key`): left out
+        # the (key, count) pairs that changed, found in C: a loop over those alone
+        for key, n in counts.items() - taken.items():
+            if -_SPAN < key < overflow or key == _ZERO:
+                gained[key] = n - taken.get(key, 0)
         return counts[_SCHEMA], gained
 
     def observe(self, value: float, trace_id: str | None = None) -> None:

@@ -158,18 +158,13 @@ class Percentiles:
         if seconds > sub.max:
             sub.max = seconds
 
-    def add_counts(self, key: Key, counts: Mapping[int, int], count: int, top: float) -> None:
-        """Values already bucketed (``count`` of them, the largest at most ``top``) under
-        ``key`` only, like `add_key`."""
+    def pending(self, key: Key) -> SubWindow:
+        """The current sub-window of ``key`` only (as `add_key`), for values already
+        bucketed: add to its counts, count and max."""
         sub = self._pending.get(key)
         if sub is None:
             sub = self._pending[key] = SubWindow()
-        own = sub.counts
-        for bucket, n in counts.items():
-            own[bucket] = own.get(bucket, 0) + n
-        sub.count += count
-        if top > sub.max:
-            sub.max = top
+        return sub
 
     def merged(self, stream: bool, window_s: int) -> WindowStats:
         """Percentiles of every route's window of one kind together (for values kept

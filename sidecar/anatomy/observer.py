@@ -31,8 +31,10 @@ class Anatomy:
     def __init__(self, windows_s: list[int], metrics: AnatomyMetrics) -> None:
         self.ttft = Percentiles(windows_s)
         self.tpot = Percentiles(windows_s)
-        self.upstream = Percentiles(windows_s)
-        self.overhead = Percentiles(windows_s)
+        # read only by the `cause` of breach events, judged on the shortest window:
+        # kept for that one (each window more is a merge per route every second)
+        self.upstream = Percentiles(windows_s[:1])
+        self.overhead = Percentiles(windows_s[:1])
         self._unary: UnaryWindows | None = None
         self._m = metrics
         self._ttft_h = metrics.ttft.labels

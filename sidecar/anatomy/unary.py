@@ -96,7 +96,7 @@ class UnaryWindows:
                 gained[index] = left
             else:
                 gained.pop(index, None)
-        _put(self.upstream, key, ((_native_bucket(schema, i), n) for i, n in gained.items()))
+        _put(self.upstream, key, gained.items(), functools.partial(_native_bucket, schema))
 
     def _add_classic(
         self,
@@ -113,21 +113,29 @@ class UnaryWindows:
             for value in minus[1]:
                 gained[bisect_left(bounds, value)] -= 1
         table = _classic_table(tuple(bounds))
-        _put(self.overhead, key, ((table[i], n) for i, n in enumerate(gained) if n > 0))
+        _put(self.overhead, key, enumerate(gained), table.__getitem__)
 
 
-def _put(windows: Percentiles, key: Key, buckets: Iterable[tuple[tuple[int, float], int]]) -> None:
-    """Add counts of (sketch bucket, upper bound) pairs to ``key``'s sub-window."""
-    counts: dict[int, int] = {}
-    total = 0
-    top = 0.0
-    for (bucket, value), n in buckets:
+def _put(
+    windows: Percentiles,
+    key: Key,
+    gained: Iterable[tuple[int, int]],
+    locate: Callable[[int], tuple[int, float]],
+) -> None:
+    """Add (index, count) pairs to ``key``'s sub-window; ``locate(index)`` is the
+    sketch bucket and upper bound of an index. Counts of 0 or less are skipped."""
+    sub = None
+    for index, n in gained:
+        if n <= 0:
+            continue
+        if sub is None:
+            sub = windows.pending(key)
+        bucket, value = locate(index)
+        counts = sub.counts
         counts[bucket] = counts.get(bucket, 0) + n
-        total += n
-        if value > top:
-            top = value
-    if total:
-        windows.add_counts(key, counts, total, top)
+        sub.count += n
+        if value > sub.max:
+            sub.max = value
 
 
 @functools.lru_cache(maxsize=4096)
