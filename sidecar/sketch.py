@@ -81,17 +81,18 @@ class LogHistogram:
         if seconds > self.max:
             self.max = seconds
 
-    def add_sparse(self, sparse: Mapping[int, int]) -> None:
+    def add_sparse(self, sparse: Mapping[int, int], count: int | None = None) -> None:
+        """Add bucket -> count pairs; ``count``: their sum, when the caller knows it."""
         counts = self.counts
         for bucket, n in sparse.items():
             counts[bucket] += n
-            self.count += n
+        self.count += sum(sparse.values()) if count is None else count
 
-    def subtract_sparse(self, sparse: Mapping[int, int]) -> None:
+    def subtract_sparse(self, sparse: Mapping[int, int], count: int | None = None) -> None:
         counts = self.counts
         for bucket, n in sparse.items():
             counts[bucket] -= n
-            self.count -= n
+        self.count -= sum(sparse.values()) if count is None else count
 
     def merge(self, other: LogHistogram) -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
