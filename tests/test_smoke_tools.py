@@ -62,3 +62,11 @@ def test_engine_benchmark_prints_its_costs():
     assert out.returncode == 0, out.stderr
     for what in ("percentile engine:", "prometheus metrics:", "query", "tick with 100"):
         assert what in out.stdout
+
+
+def test_ticks_benchmark_counts_the_same_bytecodes_every_run():
+    """Deterministic by design: two runs print the same count."""
+    first, second = (run(["bench/ticks.py", "--rate", "50"]) for _ in range(2))
+    assert first.returncode == 0, first.stderr
+    assert "bytecodes per busy second" in first.stdout
+    assert first.stdout == second.stdout
