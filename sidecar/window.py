@@ -42,20 +42,26 @@ class RollingHistogram:
         self.window_s = window_s
         self.ticks_per_slot = max(1, window_s // (SLOTS_PER_WINDOW * tick_s))
         nslots = max(1, window_s // (self.ticks_per_slot * tick_s))
-        # per slot, the sub-windows pushed in its time (never changed once pushed: the
-        # same one goes to every window, by reference; expiring subtracts each)
-        self._slots: list[list[SubWindow] | None] = [None] * nslots
+        self._slots: list[SubWindow | None] = [None] * nslots  # allocated when used
         self._pos = 0
         self._ticks = 0
         self.totals = LogHistogram()
 
     def push(self, sub: SubWindow | None) -> None:
         if sub is not None and sub.count:
-            slot = self._slots[self._pos]
-            if slot is None:
-                self._slots[self._pos] = [sub]
-            else:
-                slot.append(sub)
+            if self.ticks_per_slot == 1:
+                # a slot per tick: the sub-window itself, by reference (never changed
+                # once pushed), instead of a copy
+                self._slots[self._pos] = sub
+            else:  # several ticks per slot: merged, so memory stays one dict per slot
+                slot = self._slots[self._pos]
+                if slot is None:
+                    slot = self._slots[self._pos] = SubWindow()
+                counts = slot.counts
+                for bucket, n in sub.counts.items():
+                    counts[bucket] = counts.get(bucket, 0) + n
+                slot.count += sub.count
+                slot.max = max(slot.max, sub.max)
             self.totals.add_sparse(sub.counts, sub.count)
         self._ticks += 1
         if self._ticks >= self.ticks_per_slot:
@@ -63,9 +69,7 @@ class RollingHistogram:
             self._pos = (self._pos + 1) % len(self._slots)
             expired = self._slots[self._pos]
             if expired is not None:
-                totals = self.totals
-                for old in expired:
-                    totals.subtract_sparse(old.counts, old.count)
+                self.totals.subtract_sparse(expired.counts, expired.count)
                 self._slots[self._pos] = None
 
     @property
@@ -74,9 +78,7 @@ class RollingHistogram:
 
     @property
     def max(self) -> float:
-        return max(
-            (sub.max for slot in self._slots if slot is not None for sub in slot), default=0.0
-        )
+        return max((slot.max for slot in self._slots if slot is not None), default=0.0)
 
     def quantiles(self, qs: tuple[float, ...]) -> list[float]:
         return quantiles_from_counts(self.totals.counts, self.totals.count, qs, self.max)
