@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from sidecar.connections import GuardedHandler
 from sidecar.demo.gateway import serve_gateway
+from sidecar.forwarding import end_to_end
 
 from .conftest import free_port
 from .upstream import GZIP_BODY
@@ -399,6 +400,43 @@ async def test_proxy_adds_no_headers_of_its_own(proxied):
         "host", "content-length", "x-forwarded-for", "x-forwarded-proto",
         "x-forwarded-host", "x-request-id",
     }  # fmt: skip
+
+
+_NGINX_HEAD = [(b"Server", b"nginx"), (b"Content-Length", b"2")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        ([], []),
+        (_NGINX_HEAD, _NGINX_HEAD),
+        ([*_NGINX_HEAD, (b"Connection", b"keep-alive")], _NGINX_HEAD),
+        ([(b"CONNECTION", b" Close "), *_NGINX_HEAD, (b"keep-alive", b"t=5")], _NGINX_HEAD),
+        # named in Connection: dropped, in any case, wherever they stand
+        (
+            [(b"X-A", b"1"), (b"Connection", b"keep-alive, x-a,X-B"), (b"x-b", b"2"),
+             (b"X-C", b"3")],
+            [(b"X-C", b"3")],
+        ),
+        # a second Connection header names more, after a plain first one
+        (
+            [(b"Connection", b"keep-alive"), (b"connection", b"X-A"), (b"X-A", b"1"),
+             *_NGINX_HEAD],
+            _NGINX_HEAD,
+        ),
+        # Host and Content-Length cannot be named away; repeats and bytes kept as sent
+        (
+            [(b"Host", b"h"), (b"Content-Length", b"2"), (b"Connection", b"host, content-length"),
+             (b"X-R", b"\xff"), (b"X-R", b"2"), (b"TE", b"trailers"), (b"Upgrade", b"ws")],
+            [(b"Host", b"h"), (b"Content-Length", b"2"), (b"X-R", b"\xff"), (b"X-R", b"2")],
+        ),
+    ],
+)  # fmt: skip
+def test_end_to_end_drops_what_is_hop_by_hop_or_named_in_connection(
+    raw: list[tuple[bytes, bytes]], kept: list[tuple[bytes, bytes]]
+) -> None:
+    assert end_to_end(raw) == kept
+    assert end_to_end(tuple(raw)) == kept  # aiohttp hands over tuples
 
 
 async def test_hop_by_hop_names_match_in_any_case(proxied):
