@@ -214,7 +214,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         return run_async(show_fleet(settings, watch=args.watch))
     except OSError as exc:
         print(f"latency-sidecar: cannot read the fleet from Redis: {exc}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

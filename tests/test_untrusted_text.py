@@ -142,3 +142,20 @@ def test_events_with_redis_unreachable_is_one_line_exit_2():
             (line,) = out.stderr.splitlines()
             assert line.startswith("latency-sidecar: cannot read events from Redis: ")
             assert str(port) in line
+
+
+def test_fleet_with_redis_unreachable_is_one_line_exit_2():
+    with socket.socket() as held:  # bound, never listening: connections are refused
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        for extra in ([], ["--watch"]):
+            out = subprocess.run(
+                [sys.executable, "-m", "sidecar", "fleet", *extra, "--fleet", "f",
+                 "--redis-url", f"redis://127.0.0.1:{port}"],
+                env=_env(), capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert out.returncode == 2, out.stderr
+            assert out.stdout == ""
+            (line,) = out.stderr.splitlines()
+            assert line.startswith("latency-sidecar: cannot read the fleet from Redis: ")
+            assert str(port) in line

@@ -68,7 +68,10 @@ async def show_fleet(settings: Settings, *, watch: bool, interval_s: float = 2.0
         settings.redis_url, settings.fleet, "cli", f"cli/{new_id()[:8]}", settings.windows_s
     )
     try:
-        windows = await store.windows() or list(settings.windows_s)
+        try:
+            windows = await store.windows() or list(settings.windows_s)
+        except FleetError as exc:  # Redis unreachable: one line, exit 2 (cli.cmd_fleet)
+            raise OSError(str(exc)) from None
         view = FleetView(store, settings.fleet, windows)
         async with StopSignals() as stop:
             while True:
