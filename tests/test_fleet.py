@@ -307,6 +307,10 @@ async def test_both_scopes_label_their_events(upstream, redis_server):
         await asyncio.sleep(2)
         entries = [f for f in await stream(redis_server.url) if f["type"] == "breach"]
     scopes = [(f["scope"], f["instance"], f["fleet"], f["instances"]) for f in entries]
+    # every breach says who caused it; the fleet's cannot tell (README "Fleet view")
+    causes = {(f["scope"], f["cause"]) for f in entries}
+    assert {c for s, c in causes if s == "fleet"} == {"unknown"}, causes
+    assert {c for s, c in causes if s == "instance"} <= {"upstream", "sidecar", "unknown"}
     # 4 rules x (2 instances + 1 fleet), one event each
     assert sorted(s for s, *_ in scopes) == ["fleet"] * 4 + ["instance"] * 8, scopes
     assert all(fl == "" and n == "" for s, _, fl, n in scopes if s == "instance")

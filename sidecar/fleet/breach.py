@@ -131,6 +131,9 @@ class FleetBreaches:
             # one id per (fleet, rule, version): whoever writes it, it is the same event
             event_id=str(uuid.uuid5(_NAMESPACE, f"{self._fleet}\n{rid}\n{gen + 1}")),
             started_at=started_at, scope=FLEET_SCOPE, fleet=self._fleet, instances=instances,
+            # pods share latency histograms, not the anatomy's upstream/overhead windows:
+            # who caused it is told by each pod's own (instance) events
+            cause="unknown",
         )  # fmt: skip
 
 
