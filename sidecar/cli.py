@@ -137,17 +137,26 @@ def cmd_demo_receiver(args: argparse.Namespace) -> int:
     where = parse_host_port(args.listen)
     setup_logging("info", "json")
     secret = os.environ.get("SIDECAR_WEBHOOK_SECRET", "")
+
+    async def main() -> int:
+        async with StopSignals() as stop:
+            runner = web.AppRunner(receiver_app(secret, args.unsigned_path), access_log=None)
+            await runner.setup()
+            try:
+                await web.TCPSite(runner, where.host, where.port).start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
+            port = runner.addresses[0][1]
+            print(f"demo receiver listening on {where.host}:{port}", flush=True)
+            await stop.wait()
+            await runner.cleanup()
+        return 0
+
     try:
-        web.run_app(
-            receiver_app(secret, args.unsigned_path),
-            host=where.host,
-            port=where.port,
-            print=None,
-            access_log=None,
-        )
+        return run_async(main())
     finally:
         flush_logging()
-    return 0
 
 
 def cmd_demo_traffic(args: argparse.Namespace) -> int:

@@ -81,6 +81,12 @@ def test_demo_with_a_taken_port_exits_2(taken_port):
     one_line_error(out, "SIDECAR_LISTEN")
 
 
+@pytest.mark.parametrize("command", ["demo-gateway", "demo-receiver"])
+def test_demo_servers_with_a_taken_port_exit_2(taken_port, command):
+    out = cli(command, "--listen", f"127.0.0.1:{taken_port}", env={})
+    one_line_error(out, "--listen")
+
+
 def test_unknown_variable_is_warned_with_the_closest_name():
     out = cli("check-config", env={"SIDECAR_UPSTREAM_URL": "http://gw:1", "SIDECAR_LISTN": ":1"})
     assert out.returncode == 0
