@@ -141,6 +141,7 @@ def test_prometheusrule_carries_exactly_the_rules_file(manifests):
     assert rule["spec"] == rules_file
 
 
+@pytest.mark.tools  # promtool
 def test_promtool_checks_and_unit_tests_the_rules():
     promtool = tool("promtool")
     out = run(promtool, "check", "rules", str(DEPLOY / "prometheus" / "rules.yml"))

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .exact import exact
@@ -104,12 +105,13 @@ async def test_cardinality_cap_gives_other(upstream, make_sidecar):
     assert labels == {"/echo/a", "/echo/b", "other"}
 
 
-async def test_metrics_exposition_parses_and_passes_promtool(proxied, make_sidecar):
+@pytest.mark.tools  # promtool
+async def test_metrics_exposition_parses_and_passes_promtool(proxied, make_sidecar, closed_port):
     up, sc, _, client, base = proxied
     for path in ("/echo/1", "/sleep/5", "/status/500", "/slow-stream/1"):
         async with client.get(f"{base}{path}", headers={"traceparent": TRACEPARENT}) as r:
             await r.read()
-    dead = await make_sidecar("http://127.0.0.1:9")  # nothing listens on the discard port
+    dead = await make_sidecar(f"http://127.0.0.1:{closed_port}")  # connections refused
     async with client.get(f"http://127.0.0.1:{dead.proxy_port}/x") as r:
         assert r.status == 502
     sc.percentiles.tick()

@@ -22,7 +22,6 @@ from sidecar.connections import GuardedHandler
 from sidecar.demo.gateway import serve_gateway
 from sidecar.forwarding import end_to_end
 
-from .conftest import free_port
 from .upstream import GZIP_BODY
 
 
@@ -263,8 +262,8 @@ async def test_client_gone_at_the_bodys_end_is_a_disconnect_not_an_error(
 
 
 async def test_demo_gateway_stream_whose_client_went_away_logs_nothing(monkeypatch, caplog):
-    port = free_port()
-    runner = await serve_gateway("127.0.0.1", port, seed=1)
+    runner = await serve_gateway("127.0.0.1", 0, seed=1)
+    port = runner.addresses[0][1]
     _gone_at_the_end(monkeypatch, RequestHandler)
     try:
         async with aiohttp.ClientSession() as client:
