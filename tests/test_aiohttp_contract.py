@@ -5,8 +5,9 @@
 `sidecar/connections.py` extends aiohttp's server connection handler. Those are not
 public API: this file is the list of what is used, and it fails naming the internal
 that changed when a new aiohttp release moves one. pyproject.toml allows only the
-aiohttp releases tested (`make test-aiohttp-range` runs the suite on the lowest and
-the newest).
+aiohttp releases tested: `make test` runs everything on the newest (the one pinned in
+constraints.txt), `make test-aiohttp-lowest` this file and the proxy-facing test files
+on the lowest; `.ci/run` runs both.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ ATTRIBUTES = [
     (StreamWriter, "_headers_buf", "proxy.py: the buffered head"),
     (StreamWriter, "_headers_written", "proxy.py: the buffered head"),
     (StreamWriter, "length", "proxy.py: Content-Length framing"),
+    (web.StreamResponse, "_send_headers_immediately", "proxy.py: stream heads go at once"),
 ]
 
 
