@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
+from sidecar import __version__
+
 from .binaries import prometheus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +108,8 @@ def test_pod_structure_the_schema_cannot_check(manifests):
                         ("readinessProbe", "/readyz")):  # fmt: skip
         get = sidecar[probe]["httpGet"]
         assert get["path"] == path and get["port"] == "admin"
+    # the version lives in sidecar/__init__.py; the manifest's image tag follows it
+    assert sidecar["image"].rpartition(":")[2] == __version__, sidecar["image"]
     env = {e["name"]: e for e in sidecar["env"]}
     assert env["SIDECAR_INSTANCE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["SIDECAR_PROFILING_ENABLED"]["value"] == "false"
