@@ -82,6 +82,10 @@ def rule_event(
     )
 
 
+def _ms(stats: WindowStats | None, q: float) -> float | None:
+    return None if stats is None else stats.value(q) * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class BreachPolicy:
     """What the instance detector judges by (from `SIDECAR_*` thresholds and windows)."""
@@ -181,27 +185,30 @@ class BreachDetector:
                 else:
                     current.value_ms, current.samples = value_ms, stats.count
 
-    def _p95_ms(self, windows: Percentiles, route: str, stream: bool) -> float | None:
+    def _stats(self, windows: Percentiles, route: str, stream: bool) -> WindowStats | None:
         if route == ALL:  # kept per route only (anatomy/observer.py): merged here
             stats: WindowStats | None = windows.merged(stream, self._window)
         else:
             per_window = windows.snapshot().stats.get((route, stream))
             stats = per_window.get(self._window) if per_window else None
-        return stats.value(0.95) * 1000 if stats is not None and stats.count else None
+        return stats if stats is not None and stats.count else None
 
     def _event(
         self, kind: str, rule: Rule, route: str, stream: bool, value_ms: float, samples: int,
         started_at: float | None = None, cause: str | None = None,
     ) -> Event:  # fmt: skip
-        upstream_ms = overhead_ms = lag_ms = None
+        upstream = overhead = None
         if self._anatomy is not None:
-            upstream_ms = self._p95_ms(self._anatomy.upstream, route, stream)
-            overhead_ms = self._p95_ms(self._anatomy.overhead, route, stream)
-        if self._lag is not None:
-            lag_ms = self._lag.max_over(self._window) * 1000
+            upstream = self._stats(self._anatomy.upstream, route, stream)
+            overhead = self._stats(self._anatomy.overhead, route, stream)
+        upstream_ms, overhead_ms = _ms(upstream, 0.95), _ms(overhead, 0.95)
+        lag_ms = None if self._lag is None else self._lag.max_over(self._window) * 1000
         if cause is None:
-            cause = cause_of(rule.metric, value_ms, upstream_ms or 0.0, overhead_ms or 0.0,
-                             lag_ms or 0.0)  # fmt: skip
+            # judged at the rule's own quantile: a p99 breach against the upstream's
+            # p99 (its p95 can be far below a p99 that a few slow answers make)
+            q = rule.quantile
+            cause = cause_of(rule.metric, value_ms, _ms(upstream, q) or 0.0,
+                             _ms(overhead, q) or 0.0, lag_ms or 0.0)  # fmt: skip
         return rule_event(
             kind, rule, route, stream, self._window, value_ms, samples, self._instance,
             started_at=started_at, upstream_p95_ms=upstream_ms, overhead_p95_ms=overhead_ms,

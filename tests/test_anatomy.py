@@ -377,6 +377,27 @@ async def test_cause_upstream_for_a_slow_upstream(upstream, make_sidecar):
     assert event.overhead_p95_ms is not None and event.overhead_p95_ms < 200
 
 
+async def test_cause_of_a_p99_breach_is_judged_on_the_upstreams_p99(upstream, make_sidecar):
+    """A few slow answers among fast ones: the p99 breaches while the upstream's p95
+    stays low. The upstream made it, and its p99 says so (its p95 could not)."""
+    up, url = upstream
+    sc = await make_sidecar(url, manual_clock=True, windows_s="30", min_samples=10,
+                            p95_threshold_ms=10_000, p99_threshold_ms=300)  # fmt: skip
+    base = f"http://127.0.0.1:{sc.proxy_port}"
+    async with aiohttp.ClientSession() as client:
+        sem = asyncio.Semaphore(20)
+
+        async def one(ms: int) -> None:
+            async with sem, client.get(f"{base}/sleep/{ms}") as r:
+                await r.read()
+
+        await asyncio.gather(*(one(20) for _ in range(98)), *(one(600) for _ in range(3)))
+    event = next(e for e in advance(sc) if e.route == "/sleep/{id}")
+    assert (event.quantile, event.cause) == ("p99", "upstream"), event
+    assert event.value_ms >= 600 and event.upstream_p95_ms is not None
+    assert event.upstream_p95_ms < 0.8 * event.value_ms  # the field stays the p95
+
+
 class Blocking:
     """An observer that holds the event loop 50 ms per request: a saturated sidecar."""
 

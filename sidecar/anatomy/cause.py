@@ -1,16 +1,16 @@
 """Who made a breach: the upstream, the sidecar itself, or neither clearly.
 
 The rule (README "Latency anatomy"), over the breach's window and route, with V the
-breaching value:
+breaching value and the times below at the rule's quantile (breach.py):
 
-1. ``sidecar`` when the sidecar's own time (overhead p95) or the worst event-loop lag
+1. ``sidecar`` when the sidecar's own time (its overhead) or the worst event-loop lag
    is at least `SIDECAR_SHARE` of V: a healthy sidecar adds well under a millisecond
    and its loop lags a few, so either being a fifth of a breaching value means the
    sidecar is part of the problem (a stalled loop also delays reading the upstream's
    answer, which then looks like upstream time: only the lag tells). For ``tpot``
    (milliseconds per token, averaged over a stream) when the loop was saturated: lag
    above `SATURATED_S`;
-2. ``upstream`` when the upstream's own time (p95 of time to its response headers,
+2. ``upstream`` when the upstream's own time (time to its response headers,
    for streams to the first token) is at least `UPSTREAM_SHARE` of V; for ``tpot``
    otherwise always (tokens are paced by the upstream and timed as they arrive);
 3. ``unknown`` otherwise (e.g. slow client uploads, or too few samples to tell).
