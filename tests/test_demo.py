@@ -32,6 +32,15 @@ def test_demo_runs_and_exits_cleanly():
     assert ("/v1/chat/completions", "unary") in rows
     assert ("/v1/embeddings", "unary") in rows
     assert ("/v1/chat/completions", "stream") in rows
+    # streams show their time to first token and per output token (the demo gateway
+    # sends a ping and a role chunk first: TTFT is later than the first byte)
+    (stream,) = [
+        line.split()
+        for line in last.splitlines()
+        if line.startswith("/v1/chat/completions  ") and " stream " in line
+    ]
+    ttft, tpot = float(stream[-2]), float(stream[-1])
+    assert ttft > 0 and tpot > 0, stream
     assert "admin" in out.stdout and "/percentiles" in out.stdout
     assert "demo finished" in out.stdout
     assert "Traceback" not in out.stderr

@@ -93,6 +93,8 @@ async def _show(
                 elapsed,
                 breach_names(sidecar.detector),
                 sidecar.bus.recent,
+                sidecar.anatomy.ttft.snapshot(),
+                sidecar.anatomy.tpot.snapshot(),
             )
             print((CLEAR if tty else "") + table + "\n", file=out, flush=True)
             if duration is not None and elapsed >= duration:

@@ -56,31 +56,46 @@ def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:8.1f}"
 
 
+def _p95_ms(snap: Snapshot | None, key: tuple[str, bool], window: int) -> str:
+    per_window = None if snap is None else snap.stats.get(key)
+    return f"{'-':>8}" if per_window is None else _ms(per_window[window].value(0.95))
+
+
 def render(
     snap: Snapshot,
     errors: ErrorCounter,
     elapsed_s: float,
     breaches: Iterable[str] = (),
     events: Iterable[Event] = (),
+    ttft: Snapshot | None = None,
+    tpot: Snapshot | None = None,
 ) -> str:
+    """The table; ``ttft`` and ``tpot`` (the anatomy's windows) fill the stream rows'
+    last two columns: p95 of the time to the first token and per output token."""
     window = snap.windows_s[0]
     span = max(1.0, min(float(window), elapsed_s))
     head = (
         f"{'route':<28} {'kind':<6} {'count':>7} {'rps':>6} "
-        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} {'ttft p95':>8} {'tpot p95':>8}"
     )
     lines = [
-        f"last {window}s window (latency: unary = total, stream = time to first byte)",
+        f"last {window}s window (latency: unary = total, stream = time to first byte; "
+        "ttft/tpot: time to first token / per output token, ms)",
         head,
         "-" * len(head),
     ]
     rows = sorted(snap.stats.items(), key=lambda kv: (kv[0][1], kv[0][0] == ALL, kv[0][0]))
     for (route, stream), per_window in rows:
         s = per_window[window]
+        tokens = (
+            f" {_p95_ms(ttft, (route, True), window)} {_p95_ms(tpot, (route, True), window)}"
+            if stream
+            else ""
+        )
         lines.append(
             f"{route[:28]:<28} {'stream' if stream else 'unary':<6} {s.count:>7} "
             f"{s.count / span:>6.1f} {_ms(s.value(0.5))} {_ms(s.value(0.95))} "
-            f"{_ms(s.value(0.99))} {errors.count(route, stream):>6}"
+            f"{_ms(s.value(0.99))} {errors.count(route, stream):>6}{tokens}"
         )
     active = list(breaches)
     lines.append("")
