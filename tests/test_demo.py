@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from sidecar.demo.table import ErrorCounter
+from sidecar.demo.table import ErrorCounter, breach_names
 from sidecar.record import TimingRecord
 
 
@@ -111,3 +111,14 @@ async def test_demo_receiver_verifies_signatures_except_on_unsigned_paths():
         # Alertmanager's path: no signature needed, and only that path
         assert await post("/hooks/alertmanager", b'{"alerts": []}', {}) == 204
         assert await post("/hooks/alertmanager/x", b'{"alerts": []}', {}) == 401
+
+
+def test_breach_footer_names_the_metric_and_the_cause():
+    base = {"route": "/v1/chat", "severity": "warning", "quantile": "p95", "value_ms": 250.0}
+    assert breach_names([
+        {**base, "stream": False, "metric": "latency", "cause": "upstream"},
+        {**base, "stream": True, "metric": "ttft", "cause": "sidecar"},
+    ]) == [
+        "/v1/chat p95=250.0ms (warning, cause upstream)",
+        "/v1/chat stream ttft_p95=250.0ms (warning, cause sidecar)",
+    ]  # fmt: skip

@@ -91,7 +91,7 @@ async def _show(
                 sidecar.percentiles.snapshot(),
                 errors,
                 elapsed,
-                breach_names(sidecar.detector),
+                breach_names(sidecar.detector.active_json()),
                 sidecar.bus.recent,
                 sidecar.anatomy.ttft.snapshot(),
                 sidecar.anatomy.tpot.snapshot(),

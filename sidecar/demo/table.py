@@ -6,9 +6,9 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from ..breach import BreachDetector
-from ..events import BREACH, RESOLVED, Event
+from ..events import BREACH, LATENCY, RESOLVED, Event
 from ..percentiles import Snapshot
 from ..reader import format_event
 from ..record import UPSTREAM_ERRORS, TimingRecord
@@ -43,12 +43,14 @@ class ErrorCounter:
             self._slots.popleft()
 
 
-def breach_names(detector: BreachDetector) -> list[str]:
-    """Active breaches, one short line each, for the table's footer."""
+def breach_names(active: Iterable[dict[str, Any]]) -> list[str]:
+    """Active breaches (`BreachDetector.active_json`), one short line each, for the
+    table's footer."""
     return [
-        f"{a['route']} {'stream ' if a['stream'] else ''}{a['quantile']}={a['value_ms']}ms"
-        f" ({a['severity']})"
-        for a in detector.active_json()
+        f"{a['route']} {'stream ' if a['stream'] else ''}"
+        f"{'' if a['metric'] == LATENCY else a['metric'] + '_'}{a['quantile']}={a['value_ms']}ms"
+        f" ({a['severity']}, cause {a['cause']})"
+        for a in active
     ]
 
 
