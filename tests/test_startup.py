@@ -77,7 +77,9 @@ def test_same_port_for_two_listeners_is_a_config_error():
 
 
 def test_demo_with_a_taken_port_exits_2(taken_port):
-    out = cli("demo", "--duration", "1", "--listen", f"127.0.0.1:{taken_port}", env={})
+    # the admin listener on port 0: the default (9901) may be someone else's right now
+    out = cli("demo", "--duration", "1", "--listen", f"127.0.0.1:{taken_port}",
+              "--admin-listen", "127.0.0.1:0", env={})  # fmt: skip
     one_line_error(out, "SIDECAR_LISTEN")
 
 
