@@ -218,6 +218,9 @@ REJECT = {
 @pytest.mark.parametrize("name", sorted(REJECT))
 def test_malformed_request_is_refused(stack: Stack, name: str) -> None:
     answer = exchange(stack.port, REJECT[name])
+    if name == "connect-method":  # not a proxy for tunnels: 405 with Allow
+        assert answer.status == 405, answer
+        assert any(k.lower() == b"allow" for k, _ in answer.headers), answer.headers
     if answer.status is not None:
         assert 400 <= answer.status < 500, (name, answer)
         assert not any(k.lower() == b"server" for k, _ in answer.headers), answer.headers
@@ -387,6 +390,22 @@ def test_slowloris_after_a_keepalive_request_is_cut_too(stack: Stack) -> None:
         answer = read_answer(sock)
     assert answer.status == 408 and answer.closed
     assert time.monotonic() - t0 < 3
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+def test_idle_keepalive_connection_is_closed_quietly_after_the_keepalive_timeout(
+    stack: Stack,
+) -> None:
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\n" + H + b"\r\n")
+        f = sock.makefile("rb")
+        read_answer_keepalive(f)
+        t0 = time.monotonic()
+        rest = f.read()  # until the sidecar closes the connection
+        idle = time.monotonic() - t0
+    assert rest == b""  # no 408: the client asked for nothing more
+    assert idle >= 1.5, idle  # SIDECAR_KEEPALIVE_TIMEOUT_S=2, not the 1 s head timeout
 
 
 @pytest.mark.slow
