@@ -17,7 +17,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from sidecar.events import FIELDS, SLOW_REQUEST, Event
+from sidecar.breach import SlowRequests
+from sidecar.events import FIELDS, SLOW_REQUEST, Event, EventBus
+from sidecar.metrics import Metrics
+from sidecar.record import TimingRecord
 
 from .conftest import serve_app
 from .exact import exact
@@ -474,3 +477,26 @@ def test_events_text_lines_name_the_metric_cause_and_fleet():
     assert "(window 60s, 40 samples, cause sidecar, fleet prod of 3)" in line
     old = format_event("1-3", {**base, "type": "breach"})  # written before metric/cause existed
     assert " p95=180.0ms > 100ms (window 60s, 40 samples)" in old
+
+
+def test_slow_request_events_are_rate_limited_and_the_rest_counted():
+    """A slow upstream makes every request slow: at most `max_per_s` events a second
+    reach the sinks, the others are counted in sidecar_events_suppressed_total."""
+    metrics = Metrics([0.1, 1.0])
+    bus = EventBus(metrics)
+    slow = SlowRequests(50, "vm", bus, metrics, max_per_s=20)
+    record = TimingRecord(
+        0.0, None, None, None, None, 0.2, 0.0, "GET", "/x", 200, 0, 0, False, "r", None,
+        None, 0.2,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    for _ in range(100):
+        slow.observe(record)
+    burst_s = time.monotonic() - t0
+    events = [e for e in bus.recent if e.type == SLOW_REQUEST]
+    # the bucket holds 20 and refills 20 a second: the burst took a few ms
+    assert 20 <= len(events) <= 20 + burst_s * 20 + 1, (len(events), burst_s)
+    suppressed = metrics.registry.get_sample_value(
+        "sidecar_events_suppressed_total", {"type": SLOW_REQUEST}
+    )
+    assert suppressed == 100 - len(events)
