@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.analysis.quantiles import estimate, rank_bounds, verdict
+from sidecar.analysis.recommend import findings, markdown
 from sidecar.analysis.report import CHECK_IMAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +141,12 @@ def test_analyze_the_demo_then_compare_clean_and_with_a_slower_upstream(tmp_path
     chat = entries["/v1/chat/completions"]
     assert 30 < chat["p50"]["value_ms"] < 200 and chat["gate"] in ("within", "inconclusive")
     assert chat["sidecar"]["count"] > 0  # the sidecar's own view of the same route
+    # streams: the anatomy's time to first token (after the demo's ping and role chunk)
+    # and per output token; unary entries have none
+    tokens = entries["/v1/chat/completions (stream)"]["anatomy"]
+    assert tokens["ttft"]["p95_ms"] > 0 and tokens["tpot"]["p95_ms"] > 0, tokens
+    assert chat["anatomy"] == {}
+    assert summary["captures"] > 0 and "saturated_captures" in summary
     assert summary["gateway"]["cpu_seconds"] > 0 and summary["gateway"]["rss_end_bytes"] > 0
     assert summary["profile"]["all_samples"] > 100
     assert summary["block"]["threshold_ms"] == 20
@@ -175,3 +182,28 @@ def test_analyze_the_demo_then_compare_clean_and_with_a_slower_upstream(tmp_path
     assert "regressed since the previous run" in recommendations
     assert "p95 over the 60 ms gate" in recommendations
     assert "Compared with the previous run" in (runs / "3" / "report.html").read_text()
+
+
+def _calm_summary(**more: object) -> dict[str, object]:
+    """A run's summary in which no rule should fire."""
+    return {
+        "entries": {}, "p95_ms": 120.0, "error_rate": 0.0, "requests": 1000,
+        "gate": {"over": [], "undecided": []}, "overhead": {}, "gateway": {},
+        "sidecar_process": {"loop_lag_max_ms": 3.0, "cpu_percent_max": 20.0},
+        "block": {"stacks": []}, "captures": 10, "saturated_captures": 0, **more,
+    }  # fmt: skip
+
+
+def test_recommendations_say_plainly_when_nothing_is_wrong():
+    summary = _calm_summary()
+    found = findings(summary, [], None)
+    assert [f for f in found if f.problem] == []
+    assert "**Nothing is wrong.**" in markdown(found, summary)
+
+
+def test_recommendations_name_a_saturated_sidecar():
+    summary = _calm_summary(saturated_captures=4)
+    found = findings(summary, [], None)
+    (saturated,) = [f for f in found if "saturated" in f.title]
+    assert saturated.problem and "4 of 10 captures" in saturated.evidence
+    assert "Nothing is wrong" not in markdown(found, summary)

@@ -86,6 +86,17 @@ def findings(
                 "process uses one core: scale out replicas",
             )
         )
+    saturated = summary.get("saturated_captures") or 0
+    if saturated:
+        out.append(
+            Finding(
+                True,
+                "the sidecar was saturated: its own percentiles understate what clients saw",
+                f'/percentiles said "saturated": true in {saturated} of '
+                f"{summary.get('captures', '?')} captures (event-loop lag > 100 ms); "
+                "requests waited unread before the sidecar could time them",
+            )
+        )
     block = summary.get("block") or {}
     stacks = block.get("stacks", [])
     idle_total = sum(st["blocked_ms"] for st in stacks if st["idle"])

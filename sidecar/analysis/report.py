@@ -200,25 +200,37 @@ def render(
         "<h2>Latency per route (client side, exact)</h2>",
         "<table><tr><th>entry</th><th>requests</th><th>errors</th><th>p50 ms</th>"
         "<th>p95 ms</th><th>p95 99% bounds</th><th>p99 ms</th><th>sidecar p50 / p95 / p99</th>"
+        "<th>sidecar TTFT / TPOT p95</th>"
         f"<th>gate {summary['p95_ms']:g} ms</th></tr>",
     ]
     for entry, d in summary["entries"].items():
         side = d.get("sidecar") or {}
+        tokens = d.get("anatomy") or {}
         parts.append(
             f"<tr><td>{e(entry)}</td><td>{d['n']}</td><td>{d['errors']}</td>"
             f"<td>{_ms(d['p50']['value_ms'])}</td><td>{_ms(d['p95']['value_ms'])}</td>"
             f"<td>{_ms(d['p95']['low_ms'])} .. {_ms(d['p95']['high_ms'])}</td>"
             f"<td>{_ms(d['p99']['value_ms'])}</td>"
             f"<td>{_ms(side.get('p50_ms'))} / {_ms(side.get('p95_ms'))} / "
-            f"{_ms(side.get('p99_ms'))}</td><td>{e(d['gate'])}</td></tr>"
+            f"{_ms(side.get('p99_ms'))}</td>"
+            f"<td>{_ms(tokens.get('ttft', {}).get('p95_ms'))} / "
+            f"{_ms(tokens.get('tpot', {}).get('p95_ms'))}</td><td>{e(d['gate'])}</td></tr>"
         )
     parts.append(
         "</table><p class=muted>Gate rule: a p95 is over the gate only when its "
         "distribution-free 99% lower confidence bound (an order statistic) is above it, "
         "within only when the upper bound is at or below it; otherwise there are too few "
         "samples to tell and there is no verdict. Sidecar figures: its shortest rolling "
-        "window at the end of the run.</p>"
+        "window at the end of the run; TTFT / TPOT: time to the first token and per "
+        'output token of streams (README "Latency anatomy").</p>'
     )
+    if summary.get("saturated_captures"):
+        parts.append(
+            f"<p class=fail>The sidecar said <code>saturated</code> in "
+            f"{summary['saturated_captures']} of {summary.get('captures', '?')} captures: "
+            "its event loop lagged more than 100 ms, so its own timings miss the time "
+            "requests waited unread. Trust the client's figures.</p>"
+        )
     if gate["undecided"]:
         parts.append("<ul>" + "".join(f"<li>{e(u)}</li>" for u in gate["undecided"]) + "</ul>")
     sections = (

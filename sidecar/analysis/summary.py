@@ -41,6 +41,20 @@ def sidecar_view(pct: dict[str, Any], entry: str) -> dict[str, Any]:
     return doc
 
 
+def anatomy_view(pct: dict[str, Any], entry: str) -> dict[str, Any]:
+    """A stream entry's time to first token and per output token, from the sidecar's
+    `ttft` and `tpot` sections (p50/p95/p99 of its shortest window); {} otherwise."""
+    section, route = SIDECAR_VIEW.get(entry, ("routes", entry))
+    if section != "streams":
+        return {}
+    window = str(pct.get("windows_s", [60])[0])
+    return {
+        name: pct.get(name, {}).get(route, {}).get(window, {})
+        for name in ("ttft", "tpot")
+        if pct.get(name, {}).get(route)
+    }
+
+
 IDLE_LEAVES = ("run (", "run_forever (", "run_until_complete (", "_run_once (")
 
 
@@ -111,6 +125,7 @@ def summarise(
             **{f"p{q * 100:g}": ests[q].as_json() for q in QUANTILES},
             "gate": judged,
             "sidecar": sidecar_view(last["percentiles"], entry) if last else {},
+            "anatomy": anatomy_view(last["percentiles"], entry) if last else {},
         }
         entries[entry] = doc
     requests = len(samples)
@@ -126,6 +141,10 @@ def summarise(
         "gateway": process_use(captures, "target", requests),
         "sidecar_process": process_use(captures, "sidecar", requests),
         "block": block,
+        # captures in which the sidecar said its loop lagged > 100 ms: its own timings
+        # then miss the time requests waited unread (README "Saturation")
+        "saturated_captures": sum(1 for c in captures if c["percentiles"].get("saturated")),
+        "captures": len(captures),
     }
     total, n, own, cum = functions(folded)
     top = sorted(cum, key=lambda f: (-own.get(f, 0.0), -cum[f]))
