@@ -357,6 +357,7 @@ async def test_compose_stack_breaches_reach_redis_receiver_and_alertmanager(
             FIGURES["stack: compose up -> first breach in the receiver"] = (
                 f"{time.monotonic() - t_up:.1f} s"
             )
+            assert first["verified"] is True, first  # signed by the sidecar, checked
             event = first["payload"]
             assert event["instance"] == "sidecar-compose" and event["severity"] in (
                 "warning",
