@@ -707,3 +707,46 @@ def test_frame_scanner_never_raises_on_garbage():
     for _ in range(200):
         scanner.feed(os.urandom(997))
     assert not scanner.feed(b"")
+
+
+@pytest.mark.slow
+async def test_an_idle_session_outlives_every_client_timeout(ws_upstream, make_sidecar):
+    """Idle WebSocket sessions are the upstream's business: the sidecar's head,
+    keep-alive and idle timeouts (1 s each here) never end one that sends nothing."""
+    _, url = ws_upstream
+    sc = await make_sidecar(url, client_header_timeout_s=1, keepalive_timeout_s=1,
+                            client_idle_timeout_s=1)  # fmt: skip
+    async with (
+        aiohttp.ClientSession() as client,
+        client.ws_connect(f"http://127.0.0.1:{sc.proxy_port}/ws") as ws,
+    ):
+        await asyncio.sleep(3)  # the idle time under test: three of each timeout
+        await ws.send_str("after the silence")
+        assert (await ws.receive(timeout=5)).data == "after the silence"
+    assert sessions_ended(sc, "/ws", "error") == 0
+
+
+async def test_sessions_count_against_the_connection_cap(ws_upstream, make_sidecar):
+    """An open session holds its client connection: with SIDECAR_MAX_CONNECTIONS=2 and
+    two sessions open, a third connection is refused until one session ends."""
+    _, url = ws_upstream
+    sc = await make_sidecar(url, max_connections=2)
+    base = f"http://127.0.0.1:{sc.proxy_port}"
+    async with aiohttp.ClientSession() as client:
+        first = await client.ws_connect(f"{base}/ws")
+        second = await client.ws_connect(f"{base}/ws")
+        with pytest.raises(aiohttp.ClientConnectionError):  # closed at once, unserved
+            async with client.get(f"{base}/ws-plain", timeout=aiohttp.ClientTimeout(total=5)):
+                pass
+        await first.close()
+        await all_closed_but(sc, 1)
+        async with client.ws_connect(f"{base}/ws") as third:
+            await third.send_str("room again")
+            assert (await third.receive(timeout=5)).data == "room again"
+        await second.close()
+
+
+async def all_closed_but(sc: Sidecar, n: int) -> None:
+    async with asyncio.timeout(10):
+        while sample(sc, "sidecar_websocket_active") > n:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
