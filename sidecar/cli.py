@@ -319,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, StartupError) as exc:
-        print(f"latency-sidecar: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"latency-sidecar: {line}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -343,4 +343,5 @@ def _describe(exc: ValidationError) -> str:
             lines.append(f"{var}: {msg}")
         else:
             lines.append(msg)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    # one line per bad variable, each naming it (the contract: one line, exit 2)
+    return "\n".join(f"invalid configuration: {line}" for line in lines)

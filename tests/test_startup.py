@@ -68,9 +68,7 @@ def test_same_port_for_two_listeners_is_a_config_error():
         "SIDECAR_ADMIN_LISTEN": "127.0.0.1:8000",
     }
     for command in ("check-config", "run"):
-        out = cli(command, env=env)
-        assert out.returncode == 2 and "SIDECAR_ADMIN_LISTEN" in out.stderr, out.stderr
-        assert "Traceback" not in out.stderr
+        one_line_error(cli(command, env=env), "SIDECAR_ADMIN_LISTEN")
     # different hosts on the same port do not overlap
     env["SIDECAR_LISTEN"] = "127.0.0.2:8000"
     assert cli("check-config", env=env).returncode == 0
@@ -87,6 +85,18 @@ def test_demo_with_a_taken_port_exits_2(taken_port):
 def test_demo_servers_with_a_taken_port_exit_2(taken_port, command):
     out = cli(command, "--listen", f"127.0.0.1:{taken_port}", env={})
     one_line_error(out, "--listen")
+
+
+def test_bad_configuration_is_one_line_per_variable():
+    env = {"SIDECAR_UPSTREAM_URL": "http://gw:8080", "SIDECAR_MIN_SAMPLES": "x"}
+    one_line_error(cli("run", env=env), "SIDECAR_MIN_SAMPLES")
+    out = cli("run", env={**env, "SIDECAR_EVAL_INTERVAL_S": "-1"})
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert [line.split(": ")[2] for line in lines] == [
+        "SIDECAR_MIN_SAMPLES", "SIDECAR_EVAL_INTERVAL_S"
+    ], lines  # fmt: skip
+    assert all(line.startswith("latency-sidecar: invalid configuration: ") for line in lines)
 
 
 def test_unknown_variable_is_warned_with_the_closest_name():
