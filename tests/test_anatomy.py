@@ -391,11 +391,17 @@ async def test_cause_of_a_p99_breach_is_judged_on_the_upstreams_p99(upstream, ma
             async with sem, client.get(f"{base}/sleep/{ms}") as r:
                 await r.read()
 
-        await asyncio.gather(*(one(20) for _ in range(98)), *(one(600) for _ in range(3)))
+        await asyncio.gather(*(one(20) for _ in range(98)), *(one(1500) for _ in range(3)))
     event = next(e for e in advance(sc) if e.route == "/sleep/{id}")
-    assert (event.quantile, event.cause) == ("p99", "upstream"), event
-    assert event.value_ms >= 600 and event.upstream_p95_ms is not None
+    assert event.quantile == "p99" and event.value_ms >= 1500, event
+    assert event.upstream_p95_ms is not None and event.loop_lag_max_ms is not None
     assert event.upstream_p95_ms < 0.8 * event.value_ms  # the field stays the p95
+    # The rule's first step comes before the upstream's share: a machine so busy that
+    # this loop (client, upstream and sidecar share it) stalled for a fifth of the value
+    # makes the sidecar the cause, rightly. Otherwise the upstream's p99 (>= 1500 ms)
+    # names it; its p95 (~20 ms) would have said `unknown`.
+    stalled = event.loop_lag_max_ms >= 0.2 * event.value_ms
+    assert event.cause == ("sidecar" if stalled else "upstream"), event
 
 
 class Blocking:

@@ -395,7 +395,8 @@ async def test_redis_down_keeps_the_last_view_and_traffic_flat(upstream, redis_s
                   f"{exact(baseline, 0.99) * 1000:.2f} ms, during {exact(during, 0.5) * 1000:.2f}/"
                   f"{exact(during, 0.99) * 1000:.2f} ms; fleet view answered in {answer_s:.2f} s "
                   f"with stale_s={stale['stale_s']}")  # fmt: skip
-            assert max(during) < 0.5
+            # no request waited on Redis: that wait ends at the 2 s socket timeout
+            assert max(during) < 1.5
             assert exact(during, 0.95) < max(
                 3 * exact(baseline, 0.95), exact(baseline, 0.95) + 0.05
             )
