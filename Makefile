@@ -90,5 +90,6 @@ instructions: $(BIN)/latency-sidecar tools
 contract:
 	cp ../shared/SPEC.md docs/contract.md
 
+## clean: remove the venvs and the lint/test caches
 clean:
 	rm -rf $(VENV) $(LOWEST) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
