@@ -8,13 +8,23 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings, unknown_variables
+from .config import (
+    ConfigError,
+    HostPort,
+    Settings,
+    load_settings,
+    parse_host_port,
+    unknown_variables,
+)
 from .listeners import StartupError
 from .logs import flush_logging, setup_logging
 from .signals import StopSignals
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 EXIT_CONFIG = 2
 
@@ -97,66 +107,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
         flush_logging()
 
 
-def cmd_demo_gateway(args: argparse.Namespace) -> int:
-    from .config import parse_host_port
-    from .demo.gateway import serve_gateway
-    from .demo.run import SCHEDULE
-
-    where = parse_host_port(args.listen)
-    setup_logging("info", "json")
-
-    async def main() -> int:
-        async with StopSignals() as stop:
-            try:
-                runner = await serve_gateway(
-                    where.host,
-                    where.port,
-                    seed=args.seed,
-                    schedule=SCHEDULE if args.slowdowns else None,
-                    extra_delay_s=args.add_delay_ms / 1000,
-                )
-            except OSError as exc:
-                raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
-            port = runner.addresses[0][1]
-            print(f"demo gateway listening on {where.host}:{port}", flush=True)
-            await stop.wait()
-            await runner.cleanup()
-        return 0
-
-    return run_async(main())
+def host_port(value: str) -> HostPort:
+    """argparse type for the demo servers' ``--listen``: a bad value is a usage error."""
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def cmd_demo_receiver(args: argparse.Namespace) -> int:
-    import os
-
+def serve_until_stopped(name: str, where: HostPort, app: Callable[[], web.Application]) -> int:
+    """The demo servers' main: serve ``app()`` on ``--listen`` until SIGTERM or SIGINT.
+    A port that cannot be bound is one line and exit 2."""
     from aiohttp import web
 
-    from .config import parse_host_port
-    from .demo.receiver import receiver_app
-
-    where = parse_host_port(args.listen)
-    setup_logging("info", "json")
-    secret = os.environ.get("SIDECAR_WEBHOOK_SECRET", "")
-
     async def main() -> int:
         async with StopSignals() as stop:
-            runner = web.AppRunner(receiver_app(secret, args.unsigned_path), access_log=None)
+            runner = web.AppRunner(app(), access_log=None)
             await runner.setup()
             try:
                 await web.TCPSite(runner, where.host, where.port).start()
             except OSError as exc:
                 await runner.cleanup()
                 raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
-            port = runner.addresses[0][1]
-            print(f"demo receiver listening on {where.host}:{port}", flush=True)
+            print(f"{name} listening on {where.host}:{runner.addresses[0][1]}", flush=True)
             await stop.wait()
             await runner.cleanup()
         return 0
 
+    setup_logging("info", "json")
     try:
         return run_async(main())
     finally:
         flush_logging()
+
+
+def cmd_demo_gateway(args: argparse.Namespace) -> int:
+    from .demo.gateway import DemoGateway
+    from .demo.run import SCHEDULE
+
+    schedule = SCHEDULE if args.slowdowns else None
+    delay_s = args.add_delay_ms / 1000
+    return serve_until_stopped(
+        "demo gateway",
+        args.listen,
+        lambda: DemoGateway(args.seed, schedule=schedule, extra_delay_s=delay_s).app(),
+    )
+
+
+def cmd_demo_receiver(args: argparse.Namespace) -> int:
+    import os
+
+    from .demo.receiver import receiver_app
+
+    secret = os.environ.get("SIDECAR_WEBHOOK_SECRET", "")
+    return serve_until_stopped(
+        "demo receiver", args.listen, lambda: receiver_app(secret, args.unsigned_path)
+    )
 
 
 def cmd_demo_traffic(args: argparse.Namespace) -> int:
@@ -259,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     gw = sub.add_parser("demo-gateway", help="run only the demo AI gateway (for compose)")
-    gw.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT")
+    gw.add_argument("--listen", default="0.0.0.0:8080", metavar="HOST:PORT", type=host_port)
     gw.add_argument("--seed", type=int, default=None)
     gw.add_argument(
         "--slowdowns",
@@ -275,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="example webhook receiver that logs what it gets (verifies signatures when "
         "SIDECAR_WEBHOOK_SECRET is set)",
     )
-    rx.add_argument("--listen", default="0.0.0.0:9000", metavar="HOST:PORT")
+    rx.add_argument("--listen", default="0.0.0.0:9000", metavar="HOST:PORT", type=host_port)
     rx.add_argument(
         "--unsigned-path",
         action="append",

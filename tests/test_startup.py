@@ -87,6 +87,21 @@ def test_demo_servers_with_a_taken_port_exit_2(taken_port, command):
     one_line_error(out, "--listen")
 
 
+@pytest.mark.parametrize("command", ["demo-gateway", "demo-receiver"])
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("nonsense", "expected HOST:PORT, got 'nonsense'"),
+        ("[::1]", "expected HOST:PORT, got '[::1]'"),
+        ("127.0.0.1:70000", "port 70000 out of range 0..65535"),
+    ],
+)
+def test_demo_servers_with_a_bad_listen_are_a_usage_error(command, listen, message):
+    out = cli(command, "--listen", listen, env={})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1].endswith(f"error: argument --listen: {message}")
+
+
 def test_bad_configuration_is_one_line_per_variable():
     env = {"SIDECAR_UPSTREAM_URL": "http://gw:8080", "SIDECAR_MIN_SAMPLES": "x"}
     one_line_error(cli("run", env=env), "SIDECAR_MIN_SAMPLES")
