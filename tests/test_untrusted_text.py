@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -128,34 +127,22 @@ async def test_events_follow_outlives_silence(redis_server):
         await follow.wait()
 
 
-def test_events_with_redis_unreachable_is_one_line_exit_2():
-    with socket.socket() as held:  # bound, never listening: connections are refused
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
-        for extra in ([], ["--follow"]):
-            out = subprocess.run(
-                [*EVENTS, *extra, "--redis-url", f"redis://127.0.0.1:{port}"],
-                env=_env(), capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-            assert out.returncode == 2, out.stderr
-            assert out.stdout == ""
-            (line,) = out.stderr.splitlines()
-            assert line.startswith("latency-sidecar: cannot read events from Redis: ")
-            assert str(port) in line
-
-
-def test_fleet_with_redis_unreachable_is_one_line_exit_2():
-    with socket.socket() as held:  # bound, never listening: connections are refused
-        held.bind(("127.0.0.1", 0))
-        port = held.getsockname()[1]
-        for extra in ([], ["--watch"]):
-            out = subprocess.run(
-                [sys.executable, "-m", "sidecar", "fleet", *extra, "--fleet", "f",
-                 "--redis-url", f"redis://127.0.0.1:{port}"],
-                env=_env(), capture_output=True, text=True, timeout=30,
-            )  # fmt: skip
-            assert out.returncode == 2, out.stderr
-            assert out.stdout == ""
-            (line,) = out.stderr.splitlines()
-            assert line.startswith("latency-sidecar: cannot read the fleet from Redis: ")
-            assert str(port) in line
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [
+        (["events"], "events"),
+        (["events", "--follow"], "events"),
+        (["fleet", "--fleet", "f"], "the fleet"),
+        (["fleet", "--fleet", "f", "--watch"], "the fleet"),
+    ],
+)
+def test_redis_readers_with_redis_unreachable_are_one_line_exit_2(closed_port, command, what):
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", *command, "--redis-url", f"redis://127.0.0.1:{closed_port}"],
+        env=_env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"latency-sidecar: cannot read {what} from Redis: ")
+    assert str(closed_port) in line
