@@ -67,7 +67,9 @@ def _split(value: Any) -> list[str]:
 def _check_http_url(value: str) -> str:
     m = re.fullmatch(r"(https?)://([^/\s?#]+)(/[^\s]*)?", value.strip())
     if not m:
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        # shown without its credentials, whatever its shape (even without a scheme)
+        shown = re.sub(r"^([^/?#@]*//)?[^/?#@]*@", r"\1****@", redact_url(value.strip()))
+        raise ValueError(f"expected an http:// or https:// URL, got {shown!r}")
     return value.strip().rstrip("/")
 
 
@@ -123,7 +125,15 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _upstream(cls, v: str) -> str:
-        return _check_http_url(v)
+        url = _check_http_url(v)
+        # requests keep their own path: a base path here would be silently dropped
+        rest = re.sub(r"^https?://[^/?#]+", "", url)
+        if rest:
+            raise ValueError(
+                "expected scheme://host:port, without a path: requests are forwarded "
+                "with their own path"
+            )
+        return url
 
     @field_validator("ttft_p95_threshold_ms", "tpot_p95_threshold_ms", mode="before")
     @classmethod

@@ -120,6 +120,23 @@ def test_unknown_variable_is_warned_with_the_closest_name():
     assert "SIDECAR_LISTN" in out.stderr and "SIDECAR_LISTEN" in out.stderr
 
 
+@pytest.mark.parametrize("url", ["http://gw:8080/api", "http://gw:8080/v1/", "https://gw/x?y=1"])
+def test_upstream_url_with_a_path_is_a_config_error(url):
+    # the request's own path is forwarded: a base path would be silently dropped
+    one_line_error(cli("check-config", env={"SIDECAR_UPSTREAM_URL": url}), "SIDECAR_UPSTREAM_URL")
+    assert cli("check-config", env={"SIDECAR_UPSTREAM_URL": "http://gw:8080/"}).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "url", ["htp://u:pw-secret@gw:1", "u:pw-secret@gw:1", "gw:1/x?token=pw-secret"]
+)
+def test_credentials_in_invalid_urls_never_printed(url):
+    for command in ("check-config", "run"):
+        out = cli(command, env={"SIDECAR_UPSTREAM_URL": url})
+        one_line_error(out, "SIDECAR_UPSTREAM_URL")
+        assert "pw-secret" not in out.stdout + out.stderr and "****" in out.stderr
+
+
 def test_credentials_in_urls_never_printed():
     secrets = ("upw-secret", "rpw-secret", "hookpw-secret", "tok-secret", "ampw-secret")
     env = {
