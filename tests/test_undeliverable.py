@@ -9,10 +9,14 @@ import re
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from sidecar.events import BREACH, Event
+
+from .conftest import serve_app
 from .process import spawn_sidecar
 from .rawhttp import raw_request
-from .test_events import stream_entries, synthetic, wait_until
+from .test_events import _queue_empty, stream_entries, synthetic, wait_until
 
 
 async def _sidecar(upstream_url, redis_url):
@@ -116,3 +120,67 @@ async def test_sigterm_with_redis_dead_exits_early_counting_what_is_lost(upstrea
     log = sc.stderr.decode()
     assert re.search(r"redis: 3 events dropped at exit \(sink failing for \d+\.\ds\)", log), log
     assert "Traceback" not in log
+
+
+class Refuser:
+    """A receiver that answers each POST with the next status of ``statuses`` (then
+    204), with a redirect to ``/elsewhere`` and a hostile body; records what it got."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.got: list[str] = []
+        self.elsewhere = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.got.append(await request.text())
+        status = self.statuses.pop(0) if self.statuses else 204
+        headers = {"Location": "/elsewhere"} if 300 <= status < 400 else {}
+        return web.Response(status=status, headers=headers, text="no\x1b[2J\n" * 50_000)
+
+    async def redirected(self, request: web.Request) -> web.Response:
+        self.elsewhere += 1
+        return web.Response(status=204)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        app.router.add_post("/api/v2/alerts", self.handle)
+        app.router.add_route("*", "/elsewhere", self.redirected)
+        return app
+
+
+def _breach(i: int) -> Event:
+    return dataclasses.replace(synthetic(i), type=BREACH, severity="warning", quantile="p95",
+                               window_s=60, samples=100)  # fmt: skip
+
+
+@pytest.mark.parametrize("sink", ["webhook", "alertmanager"])
+@pytest.mark.parametrize("status", [302, 307, 400, 404])
+async def test_a_refused_or_redirected_event_is_dropped_not_delivered(
+    upstream, make_sidecar, sink, status, caplog
+):
+    """A redirect is not followed (events go only to the configured URL) and, like a
+    4xx, is not a delivery: the event is counted as dropped, logged without the
+    receiver's control bytes, and the next event goes on."""
+    _, url = upstream
+    rx = Refuser(status)
+    async with serve_app(rx.app()) as base:
+        where = {"webhook_urls": f"{base}/hook"} if sink == "webhook" else {
+            "alertmanager_url": base}  # fmt: skip
+        sc = await make_sidecar(url, **where)
+        sc.bus.publish(_breach(1))
+        await wait_until(lambda: _queue_empty(sc, sink))
+        sc.bus.publish(_breach(2))
+        await wait_until(lambda: _queue_empty(sc, sink))
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"http://127.0.0.1:{sc.admin_port}/metrics") as r,
+        ):
+            text = await r.text()
+    got = [("1001" in body, "1002" in body) for body in rx.got]  # their value_ms
+    assert got == [(True, False), (False, True)]
+    assert rx.elsewhere == 0
+    assert f'sidecar_event_deliveries_total{{result="dropped",sink="{sink}"}} 1.0' in text
+    assert f'sidecar_event_deliveries_total{{result="ok",sink="{sink}"}} 1.0' in text
+    (line,) = [r.getMessage() for r in caplog.records if "undeliverable" in r.getMessage()]
+    assert f"HTTP {status}" in line and line.isprintable()

@@ -20,7 +20,8 @@ from ..alerts import push_alert
 from ..config import redact_url
 from ..events import BREACH, RESOLVED, Event
 from ..metrics import Metrics
-from .queue import QueuedSink, RetryLater
+from ..printable import untrusted
+from .queue import ANSWER_BODY_MAX, QueuedSink, RetryLater, refusal
 
 log = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -61,39 +62,51 @@ class AlertmanagerSink(QueuedSink):
         if self._session is not None:
             await self._session.close()
 
-    def _alerts(self, events: Sequence[Event]) -> list[str]:
+    def _alerts(self, events: Sequence[Event]) -> list[tuple[Event, str]]:
         """Each event's alert as JSON; one that cannot be encoded is given up on."""
         ends = time.time() + 4 * self.resend_s
         out = []
         for e in events:
+            ends_at = None if e.type == RESOLVED else ends
             try:
-                out.append(json.dumps(push_alert(e, ends_at=None if e.type == RESOLVED else ends)))
+                out.append((e, json.dumps(push_alert(e, ends_at=ends_at))))
             except ValueError as exc:
                 self.firing.pop(e.rule_key, None)
                 self.give_up(e, str(exc))
         return out
 
-    async def _post(self, alerts: list[str]) -> None:
+    async def _post(self, alerts: list[tuple[Event, str]]) -> str | None:
+        """POST the alerts; None when Alertmanager took them, else why it refused them
+        (raises `RetryLater` when worth retrying)."""
         if not alerts:
-            return
+            return None
         try:
             assert self._session is not None, "sink not entered"
             async with self._session.post(
                 self.url,
-                data="[" + ",".join(alerts) + "]",  # a JSON array of encoded alerts
+                data="[" + ",".join(a for _, a in alerts) + "]",  # a JSON array of the alerts
                 headers={"Content-Type": "application/json"},
                 timeout=TIMEOUT,
+                allow_redirects=False,
             ) as resp:
-                text = await resp.text()
+                status = resp.status
+                answer = await resp.content.read(ANSWER_BODY_MAX)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RetryLater(f"{type(exc).__name__}: {exc}") from None
-        if resp.status >= 500:
-            raise RetryLater(f"HTTP {resp.status}")
-        if resp.status >= 400:
-            log.error("alertmanager refused alerts: HTTP %s %s", resp.status, text[:200])
+        reason = refusal(status)
+        if reason is not None:
+            said = answer[:800].decode("utf-8", "replace").strip()
+            reason = f"{reason}: {untrusted(said, 200)}" if said else reason
+        return reason
 
     async def deliver(self, batch: Sequence[Event]) -> int:
-        await self._post(self._alerts(batch))
+        alerts = self._alerts(batch)
+        reason = await self._post(alerts)
+        if reason is not None:  # refused: resending will not help, nor re-sending later
+            for e, _ in alerts:
+                if self.firing.get(e.rule_key) is e:
+                    del self.firing[e.rule_key]
+                self.give_up(e, reason)
         return len(batch)
 
     async def resend_loop(self) -> None:
@@ -101,9 +114,11 @@ class AlertmanagerSink(QueuedSink):
             await asyncio.sleep(self.resend_s)
             if self.firing and not len(self):
                 try:
-                    await self._post(self._alerts(list(self.firing.values())))
+                    reason = await self._post(self._alerts(list(self.firing.values())))
                 except RetryLater as exc:
-                    self._warn(f"{self.label}: re-send failed: {exc}")
+                    reason = str(exc)
+                if reason is not None:
+                    self._warn(f"{self.label}: re-send failed: {reason}")
 
     async def run(self) -> None:
         resend = asyncio.create_task(self.resend_loop())

@@ -16,10 +16,9 @@ from ..alerts import webhook_payload
 from ..config import redact_url
 from ..events import Event
 from ..metrics import Metrics
-from .queue import QueuedSink, RetryLater
+from .queue import ANSWER_BODY_MAX, QueuedSink, RetryLater, refusal
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
-_RETRY_4XX = {408, 425, 429}
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -76,12 +75,10 @@ class WebhookSink(QueuedSink):
                 self.url, data=body, headers=headers, timeout=TIMEOUT, allow_redirects=False
             ) as resp:
                 status = resp.status
-                await resp.read()
+                await resp.content.read(ANSWER_BODY_MAX)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RetryLater(f"{type(exc).__name__}: {exc}") from None
-        if status >= 500 or status in _RETRY_4XX:
-            raise RetryLater(f"HTTP {status}")
-        if status >= 400:  # the receiver refuses this event: resending will not help
-            self.give_up(event, f"HTTP {status}")
-            return 1
+        reason = refusal(status)
+        if reason is not None:  # the receiver refuses this event: resending will not help
+            self.give_up(event, reason)
         return 1
