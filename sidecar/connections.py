@@ -25,6 +25,7 @@ tests/test_aiohttp_contract.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -35,11 +36,24 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .responses import PlainResponse
+from .responses import error_response
 
 log = logging.getLogger(__name__)
 _perf = time.perf_counter
-_REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+# the error JSON of every answer the sidecar writes itself (responses.error_response)
+_TIMEOUT_BODY = json.dumps(
+    {
+        "error": {
+            "type": "client_timeout",
+            "message": "no complete request head in time",
+            "request_id": "",
+        }
+    }
+).encode()
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +153,8 @@ class GuardedHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
         phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        response = PlainResponse(status=status, text=f"{status} {phrase}\n")
+        kind = "internal" if status >= 500 else "bad_request"
+        response = error_response(status, kind, f"{status} {phrase}".strip(), "")
         response.force_close()
         return response
 

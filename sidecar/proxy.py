@@ -273,10 +273,14 @@ class Proxy:
                     if stream:  # a stream is a content observer's even when it said nothing
                         self._emit(record, self._content_observers)
 
-    def _refuse(self, state: _RequestState, status: int, kind: str, message: str) -> web.Response:
+    def _refuse(
+        self, state: _RequestState, status: int, kind: str, message: str, request_id: str
+    ) -> web.Response:
+        """The sidecar's own answer to a request it will not forward: the JSON error,
+        with the request's id (kept or assigned) as for any answer."""
         state.status = status
         state.error = kind
-        response = error_response(status, kind, message, "")
+        response = error_response(status, kind, message, request_id)
         response.force_close()
         return response
 
@@ -285,11 +289,13 @@ class Proxy:
     ) -> web.StreamResponse:
         method = request.method
         if request.version != HttpVersion11:
-            refused = self._check_old_version(request, state)
+            refused = self._check_old_version(request, state, request_id)
             if refused is not None:
                 return refused
         if method == "CONNECT":
-            refused = self._refuse(state, 405, "method_not_allowed", "CONNECT is not proxied")
+            refused = self._refuse(
+                state, 405, "method_not_allowed", "CONNECT is not proxied", request_id
+            )
             refused.headers[hdrs.ALLOW] = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
             return refused
         raw_target = request.raw_path
@@ -307,7 +313,7 @@ class Proxy:
                 "utf-8", "surrogateescape"
             )
         else:
-            return self._refuse(state, 400, "bad_request", "unsupported request target")
+            return self._refuse(state, 400, "bad_request", "unsupported request target", request_id)
         upgrade = request.headers.get(hdrs.UPGRADE)
         if upgrade is not None and (
             upgrade.strip().lower() == "h2c" or request.version != HttpVersion11
@@ -332,7 +338,7 @@ class Proxy:
                 http11=request.version == HttpVersion11,
             )
         except BadRequest as exc:
-            return self._refuse(state, exc.status, "bad_request", str(exc))
+            return self._refuse(state, exc.status, "bad_request", str(exc), request_id)
         if upgrade is not None:  # WebSocket: a 101 turns the exchange into a tunnel
             head = upgrade_head(head, upgrade.encode("utf-8", "surrogateescape"))
         task = asyncio.current_task()
@@ -467,13 +473,15 @@ class Proxy:
                 log.exception("SSE scanner failed")
 
     def _check_old_version(
-        self, request: web.BaseRequest, state: _RequestState
+        self, request: web.BaseRequest, state: _RequestState, request_id: str
     ) -> web.Response | None:
         if request.version < HttpVersion10:  # HTTP/0.9: no headers to forward or answer with
-            return self._refuse(state, 400, "bad_request", "HTTP/1.0 or later required")
+            return self._refuse(state, 400, "bad_request", "HTTP/1.0 or later required", request_id)
         if hdrs.TRANSFER_ENCODING in request.headers:
             # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty
-            return self._refuse(state, 400, "bad_request", "Transfer-Encoding in HTTP/1.0")
+            return self._refuse(
+                state, 400, "bad_request", "Transfer-Encoding in HTTP/1.0", request_id
+            )
         return None
 
     def _expire(self, task: asyncio.Task[object], state: _RequestState) -> None:

@@ -224,11 +224,39 @@ def test_malformed_request_is_refused(stack: Stack, name: str) -> None:
     if answer.status is not None:
         assert 400 <= answer.status < 500, (name, answer)
         assert not any(k.lower() == b"server" for k, _ in answer.headers), answer.headers
-        # the sidecar's own answers never echo what the attacker sent
+        # the sidecar's own answers never echo what the attacker sent, and are the
+        # error JSON of every answer it writes itself
         assert b"evil" not in answer.body and b"\x00" not in answer.body
+        kinds = ("bad_request", "method_not_allowed", "client_timeout")
+        assert json.loads(answer.body)["error"]["type"] in kinds, answer
+        headers = {k.lower(): v for k, v in answer.headers}
+        assert headers[b"content-type"].startswith(b"application/json"), answer.headers
     else:
         assert answer.closed, name
     assert_alive(stack)
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n",
+        b"POST /echo HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+def test_the_sidecars_own_refusals_carry_the_request_id(stack: Stack, head: bytes) -> None:
+    """As on forwarded answers: the client's X-Request-Id is sent back, else the one
+    assigned, in the header and in the error JSON (to find the refusal in the logs).
+    (What aiohttp's parser refuses has no request yet: its answers carry an empty id.)"""
+    kept = exchange(stack.port, head + b"X-Request-Id: req-7f3a\r\n\r\n")
+    assigned = exchange(stack.port, head + b"\r\n")
+    for answer in (kept, assigned):
+        assert answer.status is not None and 400 <= answer.status < 500, answer
+        sent_back = {k.lower(): v for k, v in answer.headers}.get(b"x-request-id", b"")
+        assert json.loads(answer.body)["error"]["request_id"] == sent_back.decode()
+    assert sent_back and sent_back != b"req-7f3a"
+    assert {k.lower(): v for k, v in kept.headers}[b"x-request-id"] == b"req-7f3a"
 
 
 # --- odd but legal requests: forwarded, rewritten safely ---
@@ -365,6 +393,7 @@ def test_silent_connection_gets_408_after_the_header_timeout(stack: Stack) -> No
         answer = read_answer(sock)
     assert answer.status == 408 and answer.closed
     assert 0.9 <= time.monotonic() - t0 < 3
+    assert json.loads(answer.body)["error"]["type"] == "client_timeout"
 
 
 @pytest.mark.slow
