@@ -29,7 +29,9 @@ def _lognormal_s(rng: random.Random, median_ms: float, sigma: float) -> float:
 @dataclass(frozen=True)
 class Schedule:
     """Chat (unary and time to first token) is `factor` times slower from `slow_from_s`
-    to `slow_to_s` of every `cycle_s` seconds, counted from the gateway's start."""
+    to `slow_to_s` of every `cycle_s` seconds, counted from the gateway's first request
+    (in a compose stack the traffic starts once everything is healthy: the first slow
+    phase then comes 5 s into it, not a minute later)."""
 
     cycle_s: float = 60.0
     slow_from_s: float = 5.0
@@ -52,14 +54,17 @@ class DemoGateway:
         self.rng = random.Random(seed)
         self.error_rate = error_rate
         self.schedule = schedule
-        self.started = time.monotonic()
+        self.started: float | None = None  # the first request's time (`slowdown`)
         self.extra_delay_s = extra_delay_s  # a slower upstream, to try regression gates
 
     def slowdown(self) -> float:
         """How much slower chat is right now (1.0 without a schedule)."""
         if self.schedule is None:
             return 1.0
-        return self.schedule.factor_at(time.monotonic() - self.started)
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        return self.schedule.factor_at(now - self.started)
 
     def app(self) -> web.Application:
         app = web.Application()
