@@ -129,7 +129,7 @@ def serve_until_stopped(name: str, where: HostPort, app: Callable[[], web.Applic
             except OSError as exc:
                 await runner.cleanup()
                 raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
-            print(f"{name} listening on {where.host}:{runner.addresses[0][1]}", flush=True)
+            print(f"{name} listening on {where._replace(port=runner.addresses[0][1])}", flush=True)
             await stop.wait()
             await runner.cleanup()
         return 0
@@ -182,7 +182,6 @@ def cmd_demo_traffic(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    import os
 
     from redis.exceptions import RedisError
 
@@ -190,7 +189,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     # only the Redis settings matter here: no upstream is needed to read events
     settings = load_settings(
-        upstream_url=os.environ.get("SIDECAR_UPSTREAM_URL") or "http://127.0.0.1:1",
+        upstream_url="http://127.0.0.1:1",  # not used: whatever the environment says
         redis_url=args.redis_url,
     )
     if not settings.redis_url:
@@ -213,13 +212,12 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    import os
 
     from .fleet.table import show_fleet
 
     # only the Redis and fleet settings matter here: no upstream is needed
     settings = load_settings(
-        upstream_url=os.environ.get("SIDECAR_UPSTREAM_URL") or "http://127.0.0.1:1",
+        upstream_url="http://127.0.0.1:1",  # not used: whatever the environment says
         redis_url=args.redis_url,
         fleet=args.fleet,
     )

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 ENV_PREFIX = "SIDECAR_"
 MIN_PROFILING_TOKEN_LEN = 32
@@ -67,9 +68,13 @@ def _split(value: Any) -> list[str]:
 def _check_http_url(value: str) -> str:
     m = re.fullmatch(r"(https?)://([^/\s?#]+)(/[^\s]*)?", value.strip())
     if not m:
-        # shown without its credentials, whatever its shape (even without a scheme)
-        shown = re.sub(r"^([^/?#@]*//)?[^/?#@]*@", r"\1****@", redact_url(value.strip()))
+        shown = redact_url(value.strip())  # whatever its shape: even without a scheme
         raise ValueError(f"expected an http:// or https:// URL, got {shown!r}")
+    try:  # as aiohttp will read it: a bad port, or a password with an unencoded "/"
+        URL(value.strip())
+    except ValueError as exc:
+        shown = redact_url(value.strip())
+        raise ValueError(f"invalid URL {shown!r}: {exc}") from None
     return value.strip().rstrip("/")
 
 
@@ -285,7 +290,9 @@ class Settings(BaseSettings):
 
 
 _URL_FIELDS = ("upstream_url", "redis_url", "alertmanager_url", "webhook_urls")
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@")
+# everything up to the last "@" is taken for credentials: a password may hold an
+# unencoded "/", "?", "#" or "@" (over-masking an "@" in a path is the safe mistake)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^\s]*@")
 _SECRET_QUERY = re.compile(
     r"([?&](?:[^=&#]*(?:token|secret|password|passwd|pwd|key|sig|signature|auth)[^=&#]*)=)[^&#]*",
     re.IGNORECASE,
@@ -295,7 +302,7 @@ _SECRET_QUERY = re.compile(
 def redact_url(url: str) -> str:
     """``url`` with its credentials masked: the userinfo part and the values of query
     parameters whose names suggest a secret."""
-    url = _USERINFO.sub(lambda m: m.group(1) + "****@", url)
+    url = _USERINFO.sub(lambda m: (m.group(1) or "") + "****@", url)
     return _SECRET_QUERY.sub(lambda m: m.group(1) + "****", url)
 
 

@@ -15,6 +15,8 @@ import time
 import aiohttp
 import pytest
 
+from sidecar.config import ConfigError, load_settings
+
 from .process import ROOT, sidecar_env, spawn_sidecar
 
 TOKEN = "prof-" + "k" * 40
@@ -128,13 +130,41 @@ def test_upstream_url_with_a_path_is_a_config_error(url):
 
 
 @pytest.mark.parametrize(
-    "url", ["htp://u:pw-secret@gw:1", "u:pw-secret@gw:1", "gw:1/x?token=pw-secret"]
+    "url",
+    [
+        "htp://u:pw-secret@gw:1",
+        "u:pw-secret@gw:1",
+        "gw:1/x?token=pw-secret",
+        # unencoded / ? # @ in a password: the credentials run to the last "@"
+        "htps://u:pw/secret@gw:1",
+        "u:pw?secret@gw",
+        "u:pw#secret@gw:1",
+        "htp://u:pw@secret@gw",
+        "https://u:pw/secret@hooks.example/x",  # "valid" to a regex, not to aiohttp
+    ],
 )
-def test_credentials_in_invalid_urls_never_printed(url):
+@pytest.mark.parametrize("field", ["upstream_url", "webhook_urls", "alertmanager_url"])
+def test_credentials_in_invalid_urls_never_printed(url, field):
+    with pytest.raises(ConfigError) as err:
+        load_settings(**{"upstream_url": "http://gw:1", field: url})
+    assert f"SIDECAR_{field.upper()}" in str(err.value)
+    assert "secret" not in str(err.value) and "****" in str(err.value), err.value
+
+
+@pytest.mark.parametrize("variable", ["SIDECAR_UPSTREAM_URL", "SIDECAR_WEBHOOK_URLS"])
+def test_credentials_in_an_invalid_url_never_reach_the_terminal(variable):
+    env = {"SIDECAR_UPSTREAM_URL": "http://gw:1", variable: "htps://u:pw/secret@gw:1"}
     for command in ("check-config", "run"):
-        out = cli(command, env={"SIDECAR_UPSTREAM_URL": url})
-        one_line_error(out, "SIDECAR_UPSTREAM_URL")
-        assert "pw-secret" not in out.stdout + out.stderr and "****" in out.stderr
+        out = cli(command, env=env)
+        one_line_error(out, variable)
+        assert "secret" not in out.stdout + out.stderr and "****" in out.stderr
+
+
+def test_readers_ignore_the_upstream_they_do_not_use(closed_port):
+    # `events` reads Redis only: a base path in SIDECAR_UPSTREAM_URL is not its concern
+    out = cli("events", "--redis-url", f"redis://127.0.0.1:{closed_port}",
+              env={"SIDECAR_UPSTREAM_URL": "http://gw:8080/api"})  # fmt: skip
+    assert out.returncode == 2 and "cannot read events from Redis" in out.stderr, out.stderr
 
 
 def test_credentials_in_urls_never_printed():
