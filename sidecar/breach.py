@@ -31,7 +31,7 @@ from .anatomy.observer import Anatomy
 from .events import BREACH, LATENCY, RESOLVED, SLOW_REQUEST, Event, EventBus
 from .metrics import Metrics
 from .percentiles import Percentiles, Snapshot, WindowStats
-from .printable import untrusted
+from .printable import REQUEST_ID_MAX, untrusted
 from .record import CLIENT_DISCONNECT, TimingRecord
 from .routes import ALL
 from .runtime.looplag import LoopLag
@@ -39,7 +39,6 @@ from .timefmt import iso_ms
 
 log = logging.getLogger(__name__)
 HYSTERESIS = 0.10
-REQUEST_ID_MAX = 128
 
 
 @dataclass(frozen=True, slots=True)

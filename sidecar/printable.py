@@ -12,6 +12,7 @@ shows that byte (``\\xff``). Leaf module: no imports from the package.
 from __future__ import annotations
 
 ELLIPSIS = "…"
+REQUEST_ID_MAX = 128  # a client's X-Request-Id in an event or an answer, at most
 
 
 def _escape(char: str) -> str:
@@ -30,6 +31,14 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def header_safe(text: str, limit: int) -> str:
+    """``text`` as it is when printable ASCII, else escaped, cut to ``limit`` and made
+    ASCII: fit for a response header and for JSON (a lone surrogate is neither)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return untrusted(text, limit).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def bounded(text: str, limit: int) -> str:

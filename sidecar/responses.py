@@ -1,6 +1,6 @@
 """Responses the sidecar writes itself (errors, refusals): small JSON bodies, no
 `Server` header (a proxy must not announce what it runs on), never an echo of what the
-upstream or the client sent."""
+upstream or the client sent — but the request's id, made header- and JSON-safe."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 from aiohttp import hdrs, web
 
 from .forwarding import X_REQUEST_ID
+from .printable import REQUEST_ID_MAX, header_safe
 
 
 class PlainResponse(web.Response):
@@ -20,7 +21,9 @@ class PlainResponse(web.Response):
 
 
 def error_response(status: int, kind: str, message: str, request_id: str) -> web.Response:
-    """``{"error": {"type", "message", "request_id"}}``; the id is sent back too."""
+    """``{"error": {"type", "message", "request_id"}}``; the id is sent back too. A
+    client's id with raw bytes or controls is sent back escaped (`printable`)."""
+    request_id = header_safe(request_id, REQUEST_ID_MAX)
     body = {"error": {"type": kind, "message": message, "request_id": request_id}}
     response = PlainResponse(text=json.dumps(body), status=status, content_type="application/json")
     if request_id:

@@ -259,6 +259,21 @@ def test_the_sidecars_own_refusals_carry_the_request_id(stack: Stack, head: byte
     assert {k.lower(): v for k, v in kept.headers}[b"x-request-id"] == b"req-7f3a"
 
 
+@pytest.mark.slow
+@pytest.mark.tools
+def test_a_raw_byte_request_id_is_sent_back_escaped(stack: Stack) -> None:
+    """llhttp lets bytes 0x80-0xff through in a header value; sent back as they came
+    they would be a lone surrogate in the JSON and a mangled or missing header."""
+    head = b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\nX-Request-Id: \xffab\xe2\x80\xae\r\n\r\n"
+    answer = exchange(stack.port, head)
+    assert answer.status == 405, answer
+    sent_back = {k.lower(): v for k, v in answer.headers}[b"x-request-id"]
+    assert sent_back == b"\\xffab\\u202e", sent_back  # the raw byte, the bidi override
+    assert json.loads(answer.body)["error"]["request_id"] == sent_back.decode()
+    assert answer.body.isascii()
+    assert_alive(stack)
+
+
 # --- odd but legal requests: forwarded, rewritten safely ---
 
 
