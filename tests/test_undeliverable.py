@@ -12,6 +12,8 @@ import pytest
 from aiohttp import web
 
 from sidecar.events import BREACH, Event
+from sidecar.metrics import Metrics
+from sidecar.sinks.alertmanager import AlertmanagerSink
 
 from .conftest import serve_app
 from .process import spawn_sidecar
@@ -184,3 +186,24 @@ async def test_a_refused_or_redirected_event_is_dropped_not_delivered(
     assert f'sidecar_event_deliveries_total{{result="ok",sink="{sink}"}} 1.0' in text
     (line,) = [r.getMessage() for r in caplog.records if "undeliverable" in r.getMessage()]
     assert f"HTTP {status}" in line and line.isprintable()
+
+
+async def test_alertmanager_stops_re_sending_what_it_refuses():
+    """A firing alert is re-sent until resolved; once Alertmanager refuses it (401,
+    a redirect to a login page...), re-sending stops instead of repeating for ever."""
+    rx = Refuser(200, 401)  # taken, then refused on its first re-send
+    async with serve_app(rx.app()) as base:
+        sink = AlertmanagerSink(base, capacity=10, metrics=Metrics([0.1]), resend_s=0.05)
+        async with sink:
+            sink.enqueue(_breach(1))
+            await wait_until(lambda: _n(len(rx.got) >= 2))
+            assert not sink.firing
+            posts = len(rx.got)
+            sink.enqueue(_breach(2))  # a newer breach is sent, and re-sent again
+            await wait_until(lambda: _n(len(rx.got) >= posts + 3))
+    assert ["1001" in body for body in rx.got[:2]] == [True, True]
+    assert all("1002" in body for body in rx.got[posts:])
+
+
+async def _n(value: bool) -> bool:
+    return value

@@ -21,7 +21,8 @@ from ..config import redact_url
 from ..events import BREACH, RESOLVED, Event
 from ..metrics import Metrics
 from ..printable import untrusted
-from .queue import ANSWER_BODY_MAX, QueuedSink, RetryLater, refusal
+from .http import bounded_answer, failure, refusal
+from .queue import QueuedSink, RetryLater
 
 log = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=5)
@@ -90,9 +91,9 @@ class AlertmanagerSink(QueuedSink):
                 allow_redirects=False,
             ) as resp:
                 status = resp.status
-                answer = await resp.content.read(ANSWER_BODY_MAX)
+                answer = await bounded_answer(resp)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryLater(f"{type(exc).__name__}: {exc}") from None
+            raise failure(exc) from None
         reason = refusal(status)
         if reason is not None:
             said = answer[:800].decode("utf-8", "replace").strip()
@@ -103,22 +104,31 @@ class AlertmanagerSink(QueuedSink):
         alerts = self._alerts(batch)
         reason = await self._post(alerts)
         if reason is not None:  # refused: resending will not help, nor re-sending later
+            self._forget(alerts)
             for e, _ in alerts:
-                if self.firing.get(e.rule_key) is e:
-                    del self.firing[e.rule_key]
                 self.give_up(e, reason)
         return len(batch)
+
+    def _forget(self, alerts: list[tuple[Event, str]]) -> None:
+        """Stop re-sending these alerts (a newer state of the same rule stays)."""
+        for e, _ in alerts:
+            if self.firing.get(e.rule_key) is e:
+                del self.firing[e.rule_key]
 
     async def resend_loop(self) -> None:
         while True:
             await asyncio.sleep(self.resend_s)
             if self.firing and not len(self):
+                alerts = self._alerts(list(self.firing.values()))
                 try:
-                    reason = await self._post(self._alerts(list(self.firing.values())))
+                    reason = await self._post(alerts)
                 except RetryLater as exc:
-                    reason = str(exc)
-                if reason is not None:
-                    self._warn(f"{self.label}: re-send failed: {reason}")
+                    self._warn(f"{self.label}: re-send failed: {exc}")
+                    continue
+                if reason is not None:  # refused: stop re-sending them (each was counted
+                    # as delivered once; Alertmanager ends them at their endsAt)
+                    self._forget(alerts)
+                    self._warn(f"{self.label}: re-send refused, not re-sent again: {reason}")
 
     async def run(self) -> None:
         resend = asyncio.create_task(self.resend_loop())

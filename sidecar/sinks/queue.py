@@ -35,24 +35,6 @@ class RetryLater(Exception):
     """Delivery failed in a way worth retrying (sink down, timeout, 5xx)."""
 
 
-RETRY_4XX = frozenset({408, 425, 429})  # the receiver asks to try again later
-ANSWER_BODY_MAX = 64 * 1024  # what a sink reads of a receiver's answer, at most
-
-
-def refusal(status: int) -> str | None:
-    """What a receiver's HTTP answer means for the events it was sent: None when they
-    are delivered (2xx), `RetryLater` when worth retrying (5xx, 408/425/429), else the
-    reason they never will be (4xx; a redirect, which is not followed: events go only
-    to the configured URL)."""
-    if 200 <= status < 300:
-        return None
-    if status >= 500 or status in RETRY_4XX:
-        raise RetryLater(f"HTTP {status}")
-    if 300 <= status < 400:
-        return f"HTTP {status} redirect, not followed"
-    return f"HTTP {status}"
-
-
 class Backoff:
     def __init__(self, base: float = 0.1, cap: float = 5.0) -> None:
         self.base, self.cap = base, cap
@@ -135,7 +117,8 @@ class QueuedSink:
         raise NotImplementedError
 
     def give_up(self, event: Event, reason: str) -> None:
-        """Called by `deliver` for an event it can never deliver (cannot encode it):
+        """Called by `deliver` for an event it can never deliver (cannot encode it, or
+        the receiver refuses it):
         counted as dropped and logged (at most one line per 10 s per sink); `deliver`
         still returns it as done so the queue moves on."""
         self._dropped.inc()

@@ -16,7 +16,8 @@ from ..alerts import webhook_payload
 from ..config import redact_url
 from ..events import Event
 from ..metrics import Metrics
-from .queue import ANSWER_BODY_MAX, QueuedSink, RetryLater, refusal
+from .http import bounded_answer, failure, refusal
+from .queue import QueuedSink
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 
@@ -75,9 +76,9 @@ class WebhookSink(QueuedSink):
                 self.url, data=body, headers=headers, timeout=TIMEOUT, allow_redirects=False
             ) as resp:
                 status = resp.status
-                await resp.content.read(ANSWER_BODY_MAX)
+                await bounded_answer(resp)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RetryLater(f"{type(exc).__name__}: {exc}") from None
+            raise failure(exc) from None
         reason = refusal(status)
         if reason is not None:  # the receiver refuses this event: resending will not help
             self.give_up(event, reason)
