@@ -14,7 +14,7 @@ reading. `GuardedServer` adds those around aiohttp's own `RequestHandler`:
   request is in progress on it) and close;
 - a connection whose response bytes sit unread in the kernel and the write buffer for
   ``idle_timeout_s`` is aborted (`sweep`, once a second, outside the request path);
-- malformed requests get aiohttp's `400`/`431`-class answer without a traceback in the
+- malformed requests get aiohttp's `400` (as the error JSON) without a traceback in the
   logs, counted instead.
 
 The aiohttp internals used (`RequestHandler._request_count`, `_current_request`,

@@ -360,7 +360,7 @@ async def test_compose_stack_breaches_reach_redis_receiver_and_alertmanager(
             )
             # the gateway's slow phase starts 5 s into the traffic (which starts once
             # the stack is healthy), not a minute after the gateway itself started
-            assert time.monotonic() - t_healthy < 25  # it was ~40 s
+            assert time.monotonic() - t_healthy < 35  # it was ~40 s (5 s measured now)
             assert first["verified"] is True, first  # signed by the sidecar, checked
             event = first["payload"]
             assert event["instance"] == "sidecar-compose" and event["severity"] in (
