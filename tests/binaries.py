@@ -19,9 +19,14 @@ from .conftest import free_port
 
 
 def start_with_retry(
-    argv_for: Callable[[int], list[str]], ready_path: str, attempts: int = 5, timeout: float = 30
+    argv_for: Callable[[int], list[str]],
+    ready: str | Callable[[int], bool],
+    attempts: int = 5,
+    timeout: float = 30,
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``argv_for(port)``; return once ``http://127.0.0.1:port{ready_path}`` is 200."""
+    """Start ``argv_for(port)`` on a port free a moment ago, again on another one if it
+    exits (a clash); return once it is ready: ``http://127.0.0.1:port{ready}`` answers
+    200, or ``ready(port)`` is true."""
     for _ in range(attempts):
         port = free_port()
         proc = subprocess.Popen(
@@ -29,15 +34,20 @@ def start_with_retry(
         )
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1) as r:
-                    if r.status == 200:
-                        return proc, port
-            except OSError:
-                time.sleep(0.1)
+            if ready(port) if callable(ready) else _http_ok(f"http://127.0.0.1:{port}{ready}"):
+                return proc, port
+            time.sleep(0.1)
         proc.kill()
         proc.wait()
     raise RuntimeError(f"{argv_for(0)[0]} did not start in {attempts} attempts")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import aiohttp
@@ -48,9 +48,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def free_port() -> int:
     """A port free a moment ago: only for binaries that cannot bind port 0 and report
     it (start them with `tests.binaries.start_with_retry`, which retries on a clash)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free a moment ago (all held while they are chosen, so no
+    two are the same); the same caveat as `free_port`: retry on a clash."""
+    with ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ host network; every port is a free one chosen here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from .conftest import free_port, serve_app
+from .conftest import free_ports, serve_app
 from .docker_env import DEPLOY, FIGURES, LABEL, ROOT, Docker
 from .upstream import Upstream
 
@@ -152,25 +153,33 @@ async def test_image_runs_locked_down_proxies_turns_healthy_and_drains_on_sigter
     docker: Docker = docker_engine
     up = Upstream()
     async with serve_app(up.app()) as upstream_url, aiohttp.ClientSession() as client:
-        port, admin = free_port(), free_port()
         flags, user = k8s_sidecar_constraints()
-        name = f"ls-image-{uuid.uuid4().hex[:8]}"
-        rc, out, err = await docker.arun(
-            "run", "-d", "--name", name, "--label", LABEL, "--network", "host", *flags,
-            "-e", f"SIDECAR_UPSTREAM_URL={upstream_url}",
-            "-e", f"SIDECAR_LISTEN=127.0.0.1:{port}",
-            "-e", f"SIDECAR_ADMIN_LISTEN=127.0.0.1:{admin}",
-            "-e", "SIDECAR_INSTANCE=image-test",
-            "-e", "SIDECAR_SHUTDOWN_GRACE_S=20",
-            sidecar_image,
-        )  # fmt: skip
-        assert rc == 0, out + err
+        name = ""
         try:
             t0 = time.monotonic()
-            base, admin_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
-            await wait_until(
-                "/healthz 200", lambda: _is(http_status(client, admin_base + "/healthz"), 200), 30
-            )
+            # the container cannot bind port 0 and tell us (its HEALTHCHECK follows the
+            # admin port it was given): ports free a moment ago, new ones on a clash
+            for attempt in range(3):
+                port, admin = free_ports(2)
+                name = f"ls-image-{uuid.uuid4().hex[:8]}"
+                rc, out, err = await docker.arun(
+                    "run", "-d", "--name", name, "--label", LABEL, "--network", "host", *flags,
+                    "-e", f"SIDECAR_UPSTREAM_URL={upstream_url}",
+                    "-e", f"SIDECAR_LISTEN=127.0.0.1:{port}",
+                    "-e", f"SIDECAR_ADMIN_LISTEN=127.0.0.1:{admin}",
+                    "-e", "SIDECAR_INSTANCE=image-test",
+                    "-e", "SIDECAR_SHUTDOWN_GRACE_S=20",
+                    sidecar_image,
+                )  # fmt: skip
+                assert rc == 0, out + err
+                base, admin_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+                probe = functools.partial(_started, docker, client, name, admin_base)
+                if await wait_until("/healthz 200", probe, 30) == "up":
+                    break
+                _, logs, logs_err = await docker.arun("logs", name)
+                await docker.arun("rm", "-f", name)
+                clash = "already in use" in logs + logs_err
+                assert clash and attempt < 2, logs + logs_err
             FIGURES["image: docker run -> /healthz 200"] = f"{time.monotonic() - t0:.1f} s"
             assert await http_status(client, admin_base + "/readyz") == 200
 
@@ -228,7 +237,18 @@ async def test_image_runs_locked_down_proxies_turns_healthy_and_drains_on_sigter
             _, logs_out, logs_err = await docker.arun("logs", name)
             assert "Traceback" not in logs_out + logs_err, logs_err[-3000:]
         finally:
-            await docker.arun("rm", "-f", name)
+            if name:
+                await docker.arun("rm", "-f", name)
+
+
+async def _started(
+    docker: Docker, client: aiohttp.ClientSession, name: str, admin_base: str
+) -> str | None:
+    """ "up" once the container answers /healthz, "exited" if it stopped (a port clash)."""
+    _, running, _ = await docker.arun("inspect", "-f", "{{.State.Running}}", name)
+    if running.strip() != "true":
+        return "exited"
+    return "up" if await http_status(client, admin_base + "/healthz") == 200 else None
 
 
 async def _is(coro, expected) -> bool:
@@ -298,15 +318,9 @@ async def test_compose_stack_breaches_reach_redis_receiver_and_alertmanager(
 ):
     docker: Docker = docker_engine
     names = ["GATEWAY", "PROXY", "ADMIN", "RECEIVER", "REDIS", "PROMETHEUS", "ALERTMANAGER"]
-    ports = {n: free_port() for n in names}
     project = f"ls-stack-{uuid.uuid4().hex[:8]}"
     config_dir = Path(tempfile.mkdtemp(prefix="ls-stack-"))
-    stack_configs(config_dir, ports)
-    env = {
-        **docker.env,
-        **{f"STACK_{n}_PORT": str(p) for n, p in ports.items()},
-        "STACK_CONFIG_DIR": str(config_dir),
-    }
+    env: dict[str, str] = {}
     compose = [*compose_command(), "-p", project, "--project-directory", str(DEPLOY),
                "-f", str(compose_without_ports(config_dir)),
                "-f", str(DEPLOY / "testing" / "compose.hostnet.yaml")]  # fmt: skip
@@ -320,17 +334,31 @@ async def test_compose_stack_breaches_reach_redis_receiver_and_alertmanager(
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
 
-    prom = f"http://127.0.0.1:{ports['PROMETHEUS']}"
-    am = f"http://127.0.0.1:{ports['ALERTMANAGER']}"
-    admin = f"http://127.0.0.1:{ports['ADMIN']}"
-    red = aioredis.Redis(port=ports["REDIS"], decode_responses=True)
+    red = None
     try:
         t_up = time.monotonic()
-        # `up` returns once each service is started, dependencies healthy first
-        rc, out, err = await run("up", "-d", "--no-build", *STACK_SERVICES)
-        assert rc == 0, out + err
+        # the services cannot bind port 0 and tell us (they run on the host network):
+        # ports free a moment ago, and a new set if one was taken meanwhile
+        for attempt in range(3):
+            ports = dict(zip(names, free_ports(len(names)), strict=True))
+            stack_configs(config_dir, ports)
+            env.clear()
+            env.update(docker.env, STACK_CONFIG_DIR=str(config_dir))
+            env.update({f"STACK_{n}_PORT": str(p) for n, p in ports.items()})
+            # `up` returns once each service is started, dependencies healthy first
+            rc, out, err = await run("up", "-d", "--no-build", *STACK_SERVICES)
+            if rc == 0:
+                break
+            _, logs, _ = await run("logs", "--no-color", "--tail", "40", timeout=30)
+            await run("down", "-v", "--remove-orphans", timeout=300)
+            clash = "already in use" in out + err + logs
+            assert clash and attempt < 2, out + err + logs
         t_healthy = time.monotonic()
         FIGURES["stack: compose up (dependencies healthy)"] = f"{t_healthy - t_up:.1f} s"
+        prom = f"http://127.0.0.1:{ports['PROMETHEUS']}"
+        am = f"http://127.0.0.1:{ports['ALERTMANAGER']}"
+        admin = f"http://127.0.0.1:{ports['ADMIN']}"
+        red = aioredis.Redis(port=ports["REDIS"], decode_responses=True)
 
         async with aiohttp.ClientSession() as client:
 
@@ -436,7 +464,8 @@ async def test_compose_stack_breaches_reach_redis_receiver_and_alertmanager(
             "traffic": ("running", None),
         }, states
     finally:
-        await red.aclose()
+        if red is not None:
+            await red.aclose()
         rc, out, err = await run("down", "-v", "--remove-orphans", timeout=300)
         shutil.rmtree(config_dir, ignore_errors=True)
     assert rc == 0, out + err

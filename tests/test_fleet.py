@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.sketch import bucket_of
 
+from .binaries import start_with_retry
 from .exact import exact, max_bound_ms, sandwich_ms
 from .process import SidecarProcess, spawn_sidecar
 from .upstream import burst
@@ -116,6 +118,30 @@ async def driving(client, pods: Sequence[SidecarProcess], delays_ms: Sequence[in
     finally:
         driver.stop()
         await task
+
+
+async def evaluations(client, pods: Sequence[SidecarProcess]) -> float:
+    """Fleet rule evaluations the living pods ran so far (only the holder counts)."""
+    total = 0.0
+    for pod in pods:
+        if pod.proc.returncode is None:
+            async with client.get(f"{pod.admin}/metrics") as r:
+                text = await r.text()
+            for fam in text_string_to_metric_families(text):
+                if fam.name == "sidecar_fleet_evaluations":
+                    total += sum(x.value for x in fam.samples if x.name.endswith("_total"))
+    return total
+
+
+async def more_evaluations(client, pods: Sequence[SidecarProcess], n: int) -> None:
+    """Wait for ``n`` more fleet evaluation rounds: a duplicate event, or a breach
+    raised again, would have come in them (a negative proved by state, not by sleep)."""
+    start = await evaluations(client, pods)
+
+    async def done() -> bool:
+        return await evaluations(client, pods) >= start + n
+
+    await until(done, timeout=15)
 
 
 async def exporters(client, pods: Sequence[SidecarProcess]) -> list[str]:
@@ -266,8 +292,7 @@ async def test_one_event_per_fleet_state_change_and_failover(upstream, redis_ser
 
             await driver.retarget(survivors, [5] * 10)
             await until(resolved, timeout=30)
-            # a duplicate (or a re-raised breach) would come within three evaluation rounds
-            await asyncio.sleep(3 * float(rules["SIDECAR_EVAL_INTERVAL_S"]))
+            await more_evaluations(client, survivors, 3)
         entries = await stream(redis_server.url)
     assert [f["type"] for f in entries].count("breach") == 4, entries
     assert [f["type"] for f in entries].count("resolved") == 4, entries
@@ -303,7 +328,7 @@ async def test_both_scopes_label_their_events(upstream, redis_server):
             return entries if len(entries) >= 12 else None
 
         await until(all_there, timeout=15)
-        await asyncio.sleep(2)
+        await more_evaluations(client, pods, 2)  # instance rules run on the same ticks
         entries = [f for f in await stream(redis_server.url) if f["type"] == "breach"]
     scopes = [(f["scope"], f["instance"], f["fleet"], f["instances"]) for f in entries]
     # every breach says who caused it; the fleet's cannot tell (README "Fleet view")
@@ -535,8 +560,6 @@ def test_one_fleets_keys_share_one_cluster_slot():
 @pytest.mark.tools
 async def test_fleet_over_authenticated_tls_redis(upstream, tmp_path):
     """``rediss://`` with a password and a CA file in the URL, as in production."""
-    from .conftest import free_port
-
     _, url = upstream
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
@@ -545,18 +568,24 @@ async def test_fleet_over_authenticated_tls_redis(upstream, tmp_path):
          "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
-         "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients",
-         "no", "--requirepass", "fleet-secret", "--save", "", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+
+    def pings(port: int) -> bool:
+        try:
+            return bool(redis.Redis(port=port, ssl=True, ssl_ca_certs=str(cert),
+                                    password="fleet-secret", socket_timeout=1).ping())  # fmt: skip
+        except (OSError, redis.RedisError):
+            return False
+
+    def argv(port: int) -> list[str]:
+        return ["redis-server", "--port", "0", "--tls-port", str(port), "--tls-cert-file",
+                str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                "--tls-auth-clients", "no", "--requirepass", "fleet-secret", "--save", "",
+                "--dir", str(tmp_path)]  # fmt: skip
+
+    # redis-server cannot report a port it picked: one free a moment ago, retried on a clash
+    server, port = await asyncio.to_thread(start_with_retry, argv, pings)
     redis_url = f"rediss://:fleet-secret@127.0.0.1:{port}/0?ssl_ca_certs={cert}"
     try:
-        probe = aioredis.Redis.from_url(redis_url)
-        await until(lambda: _pings(probe), timeout=10)
-        await probe.aclose()
         async with fleet_of(2, url, redis_url) as pods, aiohttp.ClientSession() as client:
             await asyncio.gather(*(burst(client, p.base, [1] * 10) for p in pods))
             doc = await until(lambda: _doc_with(client, pods[1], 20), timeout=10)
@@ -570,13 +599,6 @@ async def test_fleet_over_authenticated_tls_redis(upstream, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
-
-
-async def _pings(client) -> bool:
-    try:
-        return bool(await client.ping())
-    except (OSError, aioredis.RedisError):
-        return False
 
 
 async def _doc_with(client, pod, n):
