@@ -10,9 +10,12 @@ import re
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every process started here, so the session can end the ones a failed test left behind
@@ -55,6 +58,7 @@ class SidecarProcess:
                 async with client.get(f"{self.admin}/metrics") as m:
                     if sample in await m.text():
                         return
+                await asyncio.sleep(0.05)  # a poll, not a load on the process under test
 
 
 def sidecar_env(upstream: str, **env: str) -> dict[str, str]:
@@ -174,3 +178,33 @@ def start_sidecar_sync(upstream: str, **env: str) -> tuple[SyncProcess, int, int
             return sc, ports[0], ports[1]
     sc.stop()
     raise RuntimeError(f"sidecar did not start: {b''.join(seen).decode(errors='replace')}")
+
+
+def connections_taken(admin_port: int, listener: str = "proxy") -> float:
+    """Connections the sidecar has taken in on ``listener``: open now, plus those
+    closed at once past the cap (from its `/metrics`)."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("listener") != listener:
+                continue
+            if s.name == "sidecar_connections_open" or (
+                s.name == "sidecar_connections_rejected_total"
+                and s.labels.get("reason") == "connection_limit"
+            ):
+                total += s.value
+    return total
+
+
+def wait_connections_taken(
+    admin_port: int, n: int, since: float = 0.0, timeout: float = 15
+) -> None:
+    """Wait (polling: nothing can notify us) until the sidecar has taken in ``n`` more
+    than ``since`` (an earlier `connections_taken`)."""
+    deadline = time.monotonic() + timeout
+    while (seen := connections_taken(admin_port) - since) < n:
+        assert time.monotonic() < deadline, f"the sidecar took in {seen:g} of {n} connections"
+        time.sleep(0.05)

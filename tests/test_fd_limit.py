@@ -15,7 +15,13 @@ import urllib.request
 
 import pytest
 
-from .process import SyncProcess, sidecar_env, start_upstream, started_ports
+from .process import (
+    SyncProcess,
+    sidecar_env,
+    start_upstream,
+    started_ports,
+    wait_connections_taken,
+)
 
 IDLE = 1100
 
@@ -61,7 +67,7 @@ def test_idle_connection_flood_under_1024_fds_leaves_health_and_proxy_working() 
     try:
         for _ in range(IDLE):
             socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        time.sleep(0.5)  # let the sidecar accept every one of them
+        wait_connections_taken(admin_port, IDLE)
         samples = [healthz_ms(admin_port) for _ in range(20)]
         # an accepted connection still proxies (the pool has descriptors left) ...
         assert get(port, socks[0]).startswith(b"HTTP/1.1 200")

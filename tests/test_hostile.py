@@ -22,7 +22,13 @@ import psutil
 import pytest
 import redis
 
-from .process import SyncProcess, start_sidecar_sync, start_upstream
+from .process import (
+    SyncProcess,
+    connections_taken,
+    start_sidecar_sync,
+    start_upstream,
+    wait_connections_taken,
+)
 from .redis_fixture import RedisServer
 
 H = b"Host: t\r\n"
@@ -508,10 +514,12 @@ def test_client_that_never_reads_is_aborted_and_memory_stays_bounded(stack: Stac
 @pytest.mark.tools
 def test_connection_flood_past_the_cap_is_refused_and_admin_stays_served(stack: Stack) -> None:
     socks = []
+    before = connections_taken(stack.admin_port)
     try:
         for _ in range(260):  # cap is 200
             socks.append(socket.create_connection(("127.0.0.1", stack.port), timeout=5))
-        time.sleep(0.2)  # let the sidecar accept them all
+        # all taken in (less a few: earlier tests' connections may close meanwhile)
+        wait_connections_taken(stack.admin_port, 250, since=before)
         closed = 0
         for s in socks:
             s.settimeout(0.05)

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from prometheus_client import Counter
+
 from ..breach import BreachPolicy
 from ..config import Settings
 from ..events import EventBus
@@ -76,6 +78,12 @@ class Fleet:
         metrics.registry.register(
             FleetQuantileCollector(self.view, lambda: self.lease.current is not None)
         )
+        self._evaluations = Counter(
+            "sidecar_fleet_evaluations_total",
+            "Fleet rule evaluations this sidecar ran as the fleet's lease holder (the one "
+            "evaluating sidecar's counter grows every SIDECAR_EVAL_INTERVAL_S).",
+            registry=metrics.registry,
+        )
 
     def _on_tick(self, closed: Mapping[Key, SubWindow]) -> None:
         self.sharer.on_tick(closed)
@@ -131,6 +139,7 @@ class Fleet:
         if self.breaches is not None and loop.time() >= self._next_eval:
             self._next_eval = loop.time() + self._eval_interval
             await self.breaches.evaluate(current)
+            self._evaluations.inc()
 
     async def percentiles_json(self) -> dict[str, Any]:
         """`GET /percentiles?scope=fleet`: refreshed unless fresh; the last state (with
