@@ -52,7 +52,8 @@ class Sidecar:
 
     def __init__(self, settings: Settings, *, ticker: Ticker | None = None) -> None:
         """``ticker``: who runs the periodic steps; default, the event loop. A test
-        passes a `ticker.ManualTicker` to advance windows and evaluate breaches itself."""
+        passes one that schedules nothing (tests/conftest.py) to advance windows and
+        evaluate breaches itself."""
         self.settings = s = settings
         self._ticker = ticker
         self.labeler = RouteLabeler(s.routes, s.max_routes)

@@ -2,7 +2,8 @@
 
 Components expose plain synchronous steps (`Percentiles.tick`, `BreachDetector.evaluate`);
 a `Ticker` decides when they run. `LoopTicker` runs each on its own drift-free schedule
-in a background task; tests drive the steps themselves instead.
+in a background task; tests inject one that schedules nothing and drive the steps
+themselves (tests/conftest.py `ManualTicker`).
 """
 
 from __future__ import annotations
@@ -39,20 +40,6 @@ class LoopTicker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-
-
-class ManualTicker:
-    """Records the schedules; `run(name)` runs a step now. For tests and tools that
-    must decide exactly when windows advance."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, Step] = {}
-
-    def every(self, interval_s: float, step: Step, name: str) -> None:
-        self.steps[name] = step
-
-    def run(self, name: str) -> object:
-        return self.steps[name]()
 
 
 async def _repeat(interval_s: float, step: Step, name: str) -> None:

@@ -13,7 +13,7 @@ from aiohttp import web
 from sidecar.config import Settings, load_settings
 from sidecar.record import TimingRecord
 from sidecar.server import Sidecar
-from sidecar.ticker import ManualTicker
+from sidecar.ticker import Step, Ticker
 
 from .upstream import Upstream
 
@@ -71,10 +71,11 @@ def closed_port() -> Iterator[int]:
 
 
 @asynccontextmanager
-async def serve_app(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1, port 0; yields its URL (the bound port read back)."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     bound = runner.addresses[0][1]
     try:
@@ -112,9 +113,21 @@ async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
 SidecarFactory = Callable[..., Any]
 
 
+class ManualTicker:
+    """A `Ticker` that schedules nothing: the test advances windows and evaluates
+    breaches itself (`sc.percentiles.tick()`, `sc.detector.evaluate()`), exactly when
+    it means to."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, Step] = {}
+
+    def every(self, interval_s: float, step: Step, name: str) -> None:
+        self.steps[name] = step
+
+
 @pytest.fixture
 async def make_sidecar() -> AsyncIterator[SidecarFactory]:
-    async def factory(upstream_url: str, manual_clock: bool = False, **overrides: Any) -> Sidecar:
+    async def factory(upstream_url: str, ticker: Ticker | None = None, **overrides: Any) -> Sidecar:
         settings: Settings = load_settings(
             upstream_url=upstream_url,
             listen="127.0.0.1:0",
@@ -122,7 +135,7 @@ async def make_sidecar() -> AsyncIterator[SidecarFactory]:
             instance="test-pod",
             **{"shutdown_grace_s": 0.5, **overrides},
         )
-        sc = Sidecar(settings, ticker=ManualTicker() if manual_clock else None)
+        sc = Sidecar(settings, ticker=ticker)
         await stack.enter_async_context(sc)
         return sc
 

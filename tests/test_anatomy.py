@@ -31,7 +31,7 @@ from sidecar.percentiles import Percentiles
 from sidecar.record import TimingRecord
 from sidecar.runtime.netstat import listen_queue
 
-from .conftest import Records
+from .conftest import ManualTicker, Records
 from .exact import exact
 
 T = TypeVar("T")
@@ -315,7 +315,7 @@ def advance(sc, seconds=1):
 async def test_breach_on_ttft_with_its_anatomy(upstream, make_sidecar):
     up, url = upstream
     # thresholds well apart from the values: a busy machine stalls the loop at times
-    sc = await make_sidecar(url, manual_clock=True, windows_s="30", min_samples=10,
+    sc = await make_sidecar(url, ticker=ManualTicker(), windows_s="30", min_samples=10,
                             p95_threshold_ms=600, p99_threshold_ms=800,
                             ttft_p95_threshold_ms=600, tpot_p95_threshold_ms=500)  # fmt: skip
     base = f"http://127.0.0.1:{sc.proxy_port}"
@@ -361,7 +361,7 @@ async def test_breach_on_ttft_with_its_anatomy(upstream, make_sidecar):
 
 async def test_cause_upstream_for_a_slow_upstream(upstream, make_sidecar):
     up, url = upstream
-    sc = await make_sidecar(url, manual_clock=True, windows_s="30", min_samples=10,
+    sc = await make_sidecar(url, ticker=ManualTicker(), windows_s="30", min_samples=10,
                             p95_threshold_ms=100, p99_threshold_ms=10_000)  # fmt: skip
     base = f"http://127.0.0.1:{sc.proxy_port}"
     async with aiohttp.ClientSession() as client:
@@ -381,7 +381,7 @@ async def test_cause_of_a_p99_breach_is_judged_on_the_upstreams_p99(upstream, ma
     """A few slow answers among fast ones: the p99 breaches while the upstream's p95
     stays low. The upstream made it, and its p99 says so (its p95 could not)."""
     up, url = upstream
-    sc = await make_sidecar(url, manual_clock=True, windows_s="30", min_samples=10,
+    sc = await make_sidecar(url, ticker=ManualTicker(), windows_s="30", min_samples=10,
                             p95_threshold_ms=10_000, p99_threshold_ms=300)  # fmt: skip
     base = f"http://127.0.0.1:{sc.proxy_port}"
     async with aiohttp.ClientSession() as client:
@@ -413,7 +413,7 @@ class Blocking:
 
 async def test_cause_sidecar_when_the_sidecar_is_saturated(upstream, make_sidecar):
     up, url = upstream
-    sc = await make_sidecar(url, manual_clock=True, windows_s="30", min_samples=10,
+    sc = await make_sidecar(url, ticker=ManualTicker(), windows_s="30", min_samples=10,
                             p95_threshold_ms=100, p99_threshold_ms=10_000)  # fmt: skip
     sc.proxy.add_observer(Blocking())
     base = f"http://127.0.0.1:{sc.proxy_port}"

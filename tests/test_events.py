@@ -22,7 +22,7 @@ from sidecar.events import FIELDS, SLOW_REQUEST, Event, EventBus
 from sidecar.metrics import Metrics
 from sidecar.record import TimingRecord
 
-from .conftest import serve_app
+from .conftest import ManualTicker, serve_app
 from .exact import exact
 from .upstream import burst
 
@@ -68,7 +68,7 @@ async def stream_entries(url, key="sidecar:events"):
 async def test_one_event_per_state_change_with_every_field(upstream, make_sidecar, redis_server):
     up, url = upstream
     sc = await make_sidecar(
-        url, manual_clock=True, windows_s="3,60", redis_url=redis_server.url, **THRESHOLDS
+        url, ticker=ManualTicker(), windows_s="3,60", redis_url=redis_server.url, **THRESHOLDS
     )
     base = f"http://127.0.0.1:{sc.proxy_port}"
     async with aiohttp.ClientSession() as client:
@@ -187,7 +187,7 @@ async def _outage(upstream, make_sidecar, redis_server, break_it, heal_it):
     """Break Redis, raise breaches and synthetic events under proxied traffic, heal it:
     every event arrives once, in order, and proxied latency stays flat."""
     _, url = upstream
-    sc = await make_sidecar(url, manual_clock=True, redis_url=redis_server.url, **THRESHOLDS)
+    sc = await make_sidecar(url, ticker=ManualTicker(), redis_url=redis_server.url, **THRESHOLDS)
     base = f"http://127.0.0.1:{sc.proxy_port}"
     async with aiohttp.ClientSession() as client:
         await traffic(client, base, 0, n=50)  # warm-up: connections, code paths
@@ -350,7 +350,7 @@ async def test_alertmanager_webhook_format_for_breaches(upstream, make_sidecar):
     rx = Receiver()
     async with serve_app(rx.app()) as hook:
         sc = await make_sidecar(
-            url, manual_clock=True, webhook_urls=f"{hook}/hook", webhook_secret=SECRET,
+            url, ticker=ManualTicker(), webhook_urls=f"{hook}/hook", webhook_secret=SECRET,
             webhook_format="alertmanager", **THRESHOLDS,
         )  # fmt: skip
         async with aiohttp.ClientSession() as client:
@@ -378,7 +378,7 @@ async def test_alertmanager_webhook_format_for_breaches(upstream, make_sidecar):
 async def test_alertmanager_receives_and_resolves(upstream, make_sidecar, alertmanager):
     _, url = upstream
     sc = await make_sidecar(
-        url, manual_clock=True, windows_s="2", alertmanager_url=alertmanager, **THRESHOLDS
+        url, ticker=ManualTicker(), windows_s="2", alertmanager_url=alertmanager, **THRESHOLDS
     )
     base = f"http://127.0.0.1:{sc.proxy_port}"
 

@@ -37,11 +37,6 @@ def _binom_cdf(n: int, q: float) -> list[float]:
     return out
 
 
-def _normal_cdf(n: int, q: float, k: float) -> float:
-    mean, sd = n * q, math.sqrt(n * q * (1 - q))
-    return 0.5 * (1 + math.erf((k + 0.5 - mean) / (sd * math.sqrt(2))))
-
-
 def rank_bounds(n: int, q: float, confidence: float) -> tuple[int | None, int | None]:
     """1-based ranks (lo, hi) with P(X_(lo) <= Q_q) >= confidence and
     P(X_(hi) >= Q_q) >= confidence; None where even the extreme sample is not enough."""
