@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -19,7 +19,8 @@ from .config import (
     parse_host_port,
     unknown_variables,
 )
-from .listeners import StartupError
+from .eventloop import run_async
+from .listeners import StartupError, listening
 from .logs import flush_logging, setup_logging
 from .signals import StopSignals
 
@@ -27,19 +28,6 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 EXIT_CONFIG = 2
-
-
-def run_async(main: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when it is installed, else on asyncio's default loop."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -123,15 +111,9 @@ def serve_until_stopped(name: str, where: HostPort, app: Callable[[], web.Applic
     async def main() -> int:
         async with StopSignals() as stop:
             runner = web.AppRunner(app(), access_log=None)
-            await runner.setup()
-            try:
-                await web.TCPSite(runner, where.host, where.port).start()
-            except OSError as exc:
-                await runner.cleanup()
-                raise StartupError(f"--listen: cannot listen on {where}: {exc.strerror}") from None
-            print(f"{name} listening on {where._replace(port=runner.addresses[0][1])}", flush=True)
-            await stop.wait()
-            await runner.cleanup()
+            async with listening(runner, where, "--listen", backlog=128) as port:
+                print(f"{name} listening on {where._replace(port=port)}", flush=True)
+                await stop.wait()
         return 0
 
     setup_logging("info", "json")

@@ -14,8 +14,9 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from prometheus_client import Counter
+
 from .ids import new_id
-from .metrics import Metrics
 from .timefmt import iso_ms
 
 log = logging.getLogger("sidecar.events")
@@ -138,15 +139,16 @@ _LEVEL = {
 
 
 class EventBus:
-    def __init__(self, metrics: Metrics, sinks: Sequence[Sink] = (), recent: int = 200) -> None:
-        self._metrics = metrics
+    def __init__(self, counter: Counter, sinks: Sequence[Sink] = (), recent: int = 200) -> None:
+        """``counter``: `sidecar_events_total` (labels ``type``, ``severity``)."""
+        self._counter = counter
         self.sinks = list(sinks)
         self.recent: deque[Event] = deque(maxlen=recent)
 
     def publish(self, event: Event, *, skip: Container[str] = ()) -> None:
         """``skip``: names of sinks that already have the event (fleet events are
         written to the Redis Stream by the fleet component itself)."""
-        self._metrics.events.labels(event.type, event.severity).inc()
+        self._counter.labels(event.type, event.severity).inc()
         self.recent.append(event)
         level = _LEVEL.get((event.type, event.severity), logging.INFO)
         log.log(level, "%s %s %s", event.type, event.severity, event.route,

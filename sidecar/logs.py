@@ -18,10 +18,10 @@ import logging
 import logging.handlers
 import queue
 import sys
-import time
 from typing import Any
 
 from .printable import printable
+from .timefmt import iso_ms
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -44,8 +44,7 @@ def _traceback(formatter: logging.Formatter, record: logging.LogRecord) -> str |
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": iso_ms(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),

@@ -63,7 +63,7 @@ class Sidecar:
         self.anatomy = Anatomy(s.windows_s, AnatomyMetrics(self.metrics, s.buckets_s))
         self.anatomy.link(self.percentiles, request_metrics.route_series)
         self.loop_lag = LoopLag()
-        self.bus = EventBus(self.metrics, build_sinks(s, self.metrics))
+        self.bus = EventBus(self.metrics.events, build_sinks(s, self.metrics))
         policy = BreachPolicy(
             s.instance, s.breach_window_s, s.min_samples, s.eval_interval_s,
             s.p95_threshold_ms, s.p99_threshold_ms, s.ttft_p95_threshold_ms,
@@ -142,9 +142,11 @@ class Sidecar:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.drain()
         assert self._stack is not None
-        await self._stack.aclose()
+        try:
+            await self.drain()
+        finally:  # a drain cut short (cancelled, failed) still releases everything
+            await self._stack.aclose()
         log.info("stopped")
 
     async def _start(self, stack: AsyncExitStack) -> None:

@@ -483,7 +483,7 @@ def test_slow_request_events_are_rate_limited_and_the_rest_counted():
     """A slow upstream makes every request slow: at most `max_per_s` events a second
     reach the sinks, the others are counted in sidecar_events_suppressed_total."""
     metrics = Metrics([0.1, 1.0])
-    bus = EventBus(metrics)
+    bus = EventBus(metrics.events)
     slow = SlowRequests(50, "vm", bus, metrics, max_per_s=20)
     record = TimingRecord(
         0.0, None, None, None, None, 0.2, 0.0, "GET", "/x", 200, 0, 0, False, "r", None,

@@ -87,7 +87,7 @@ def _run_dir(out: str | None) -> Path:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from ..cli import run_async
+    from ..eventloop import run_async
 
     if importlib.util.find_spec("matplotlib") is None:
         print(MISSING_MATPLOTLIB, file=sys.stderr)
