@@ -20,25 +20,17 @@ receivers:
 
 @pytest.fixture
 def alertmanager() -> Iterator[str]:
-    from .binaries import start_with_retry
+    from .binaries import serving
 
     exe = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
     assert exe, "prometheus-alertmanager missing: make test installs it"
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "am.yml"
         cfg.write_text(CONFIG)
-        proc, port = start_with_retry(
-            lambda port: [
-                exe,
-                f"--config.file={cfg}",
-                f"--storage.path={tmp}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--cluster.listen-address=",
-            ],
-            "/-/ready",
-        )
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        argv = [exe, f"--config.file={cfg}", f"--storage.path={tmp}", "--cluster.listen-address="]
+
+        def argv_for(port: int) -> list[str]:
+            return [*argv, f"--web.listen-address=127.0.0.1:{port}"]
+
+        with serving(argv_for, "/-/ready") as url:
+            yield url

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from .conftest import free_port
@@ -50,6 +50,17 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def serving(argv_for: Callable[[int], list[str]], ready_path: str) -> Iterator[str]:
+    """`start_with_retry` an HTTP server; yields its URL, stops it on the way out."""
+    proc, port = start_with_retry(argv_for, ready_path)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @contextlib.asynccontextmanager
 async def prometheus(targets: list[str], *flags: str, job: str = "sidecar") -> AsyncIterator[str]:
     """A real Prometheus (Debian's package) scraping ``targets`` every second; yields its
@@ -66,8 +77,7 @@ async def prometheus(targets: list[str], *flags: str, job: str = "sidecar") -> A
                 }
             )
         )
-        proc, port = await asyncio.to_thread(
-            start_with_retry,
+        server = serving(
             lambda port: [
                 exe,
                 f"--config.file={cfg}",
@@ -77,8 +87,8 @@ async def prometheus(targets: list[str], *flags: str, job: str = "sidecar") -> A
             ],
             "/-/ready",
         )
+        url = await asyncio.to_thread(server.__enter__)
         try:
-            yield f"http://127.0.0.1:{port}"
+            yield url
         finally:
-            proc.terminate()
-            proc.wait(10)
+            server.__exit__(None, None, None)

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.config import Settings, load_settings
+from sidecar.events import Event
 from sidecar.record import TimingRecord
 from sidecar.server import Sidecar
 from sidecar.ticker import Step, Ticker
@@ -125,6 +126,13 @@ class ManualTicker:
         self.steps[name] = step
 
 
+def advance(sc: Sidecar, seconds: int = 1) -> list[Event]:
+    """With a `ManualTicker`: ``seconds`` window ticks, then one breach evaluation."""
+    for _ in range(seconds):
+        sc.percentiles.tick()
+    return sc.detector.evaluate()
+
+
 @pytest.fixture
 async def make_sidecar() -> AsyncIterator[SidecarFactory]:
     async def factory(upstream_url: str, ticker: Ticker | None = None, **overrides: Any) -> Sidecar:
@@ -143,13 +151,23 @@ async def make_sidecar() -> AsyncIterator[SidecarFactory]:
         yield factory
 
 
+@asynccontextmanager
+async def observed_sidecar(
+    make_sidecar: SidecarFactory, upstream_url: str, **client_options: Any
+) -> AsyncIterator[tuple[Sidecar, Records, aiohttp.ClientSession, str]]:
+    """A sidecar in front of ``upstream_url`` with every record kept, and a client
+    session: (sidecar, records, client, the proxy's base URL)."""
+    sc = await make_sidecar(upstream_url)
+    records = Records()
+    sc.proxy.add_observer(records)
+    async with aiohttp.ClientSession(**client_options) as client:
+        yield sc, records, client, f"http://127.0.0.1:{sc.proxy_port}"
+
+
 @pytest.fixture
 async def proxied(
     upstream: tuple[Upstream, str], make_sidecar: SidecarFactory
 ) -> AsyncIterator[tuple[Upstream, Sidecar, Records, aiohttp.ClientSession, str]]:
     up, url = upstream
-    sc = await make_sidecar(url)
-    records = Records()
-    sc.proxy.add_observer(records)
-    async with aiohttp.ClientSession(auto_decompress=False) as client:
-        yield up, sc, records, client, f"http://127.0.0.1:{sc.proxy_port}"
+    async with observed_sidecar(make_sidecar, url, auto_decompress=False) as observed:
+        yield (up, *observed)

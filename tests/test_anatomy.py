@@ -31,7 +31,7 @@ from sidecar.percentiles import Percentiles
 from sidecar.record import TimingRecord
 from sidecar.runtime.netstat import listen_queue
 
-from .conftest import ManualTicker, Records
+from .conftest import ManualTicker, Records, advance
 from .exact import exact
 
 T = TypeVar("T")
@@ -303,12 +303,6 @@ async def test_unknown_sse_falls_back_without_errors(proxied, caplog):
 
 
 # --- breaches: TTFT rule, and who caused it ----------------------------------------------
-
-
-def advance(sc, seconds=1):
-    for _ in range(seconds):
-        sc.percentiles.tick()
-    return sc.detector.evaluate()
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from sidecar.events import FIELDS, SLOW_REQUEST, Event, EventBus
 from sidecar.metrics import Metrics
 from sidecar.record import TimingRecord
 
-from .conftest import ManualTicker, serve_app
+from .conftest import ManualTicker, advance, serve_app
 from .exact import exact
 from .upstream import burst
 
@@ -34,12 +34,6 @@ THRESHOLDS = {"p95_threshold_ms": 250, "p99_threshold_ms": 300, "min_samples": 1
 
 async def traffic(client, base, ms, n=30, concurrency=15):
     return await burst(client, base, [ms] * n, concurrency)
-
-
-def advance(sc, seconds=1):
-    for _ in range(seconds):
-        sc.percentiles.tick()
-    return sc.detector.evaluate()
 
 
 async def wait_until(predicate, timeout=15.0, interval=0.02):

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from sidecar.server import Sidecar
 from sidecar.tunnel import FrameScanner
 
-from .conftest import Records, serve_app
+from .conftest import Records, observed_sidecar, serve_app
 from .process import SidecarProcess, spawn_sidecar
 
 MiB = 1 << 20
@@ -134,11 +134,8 @@ async def through(
     ws_upstream: tuple[WsUpstream, str], make_sidecar: Any
 ) -> AsyncIterator[tuple[WsUpstream, Sidecar, Records, aiohttp.ClientSession, str]]:
     up, url = ws_upstream
-    sc = await make_sidecar(url)
-    records = Records()
-    sc.proxy.add_observer(records)
-    async with aiohttp.ClientSession() as client:
-        yield up, sc, records, client, f"http://127.0.0.1:{sc.proxy_port}"
+    async with observed_sidecar(make_sidecar, url) as observed:
+        yield (up, *observed)
 
 
 def sample(sc: Sidecar, name: str, **labels: str) -> float:
