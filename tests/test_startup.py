@@ -56,7 +56,7 @@ def test_taken_proxy_port_exits_2_naming_the_variable(taken_port):
     one_line_error(out, "SIDECAR_LISTEN")
 
 
-def test_taken_admin_port_exits_2_and_frees_the_proxy_port(taken_port):
+def test_taken_admin_port_exits_2_naming_the_variable(taken_port):
     out = cli(
         "run", env=sidecar_env("http://127.0.0.1:1", SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{taken_port}")
     )
