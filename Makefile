@@ -79,11 +79,13 @@ analysis: $(BIN)/latency-sidecar
 	$(BIN)/latency-sidecar analyze $(ANALYSIS_ARGS)
 
 ## bench: the overhead benchmark (needs nginx and wrk: see bench/README.md)
-bench: $(BIN)/latency-sidecar tools
-	$(BIN)/python bench/overhead.py
+bench: $(BIN)/latency-sidecar
+	@scripts/install-test-tools.sh nginx wrk taskset redis-server
+	$(BIN)/python bench/overhead.py --rounds 5 --duration 5 --rates 500,2000
 
 ## instructions: callgrind instructions per proxied request (deterministic; bench/README.md)
-instructions: $(BIN)/latency-sidecar tools
+instructions: $(BIN)/latency-sidecar
+	@scripts/install-test-tools.sh nginx valgrind
 	$(BIN)/python bench/instructions.py
 
 ## contract: refresh docs/contract.md from the steering copy of the SPEC, when present

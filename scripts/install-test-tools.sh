@@ -28,10 +28,14 @@ TOOLS=(
   "openssl openssl"
 )
 
+# with arguments, only those commands (e.g. the benchmarks' `nginx wrk valgrind`)
 missing=()
 for pair in "${TOOLS[@]}"; do
   cmd=${pair%% *}
   pkg=${pair##* }
+  if (($#)) && [[ " $* " != *" $cmd "* ]]; then
+    continue
+  fi
   if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
     [[ " ${missing[*]-} " == *" $pkg "* ]] || missing+=("$pkg")
   fi
