@@ -126,7 +126,12 @@ class Sidecar:
                 "/stats": self.runtime.document,
             },
             scoped_views=(
-                {("/percentiles", "fleet"): self.fleet.percentiles_json} if self.fleet else {}
+                {
+                    ("/percentiles", "fleet"): self.fleet.percentiles_json,
+                    ("/breaches", "fleet"): self.fleet.breaches_json,
+                }
+                if self.fleet
+                else {}
             ),
             metrics=metrics_handler(self.metrics.registry, self.percentiles.snapshot),
         )

@@ -272,6 +272,16 @@ async def test_one_event_per_fleet_state_change_and_failover(upstream, redis_ser
             assert len(holder) == 1
             victim = pods[int(holder[0].split("-")[1])]
             survivors = [p for p in pods if p is not victim]
+            # every pod, not only the one that raised them, shows the fleet's breaches
+            doc = await get_json(client, f"{survivors[0].admin}/breaches?scope=fleet")
+            assert doc["fleet"] == "t" and doc["stale_s"] is not None and doc["stale_s"] < 2
+            assert {(a["route"], a["quantile"], a["severity"]) for a in doc["active"]} == {
+                (ROUTE, "p95", "warning"), (ROUTE, "p99", "critical"),
+                ("*", "p95", "warning"), ("*", "p99", "critical"),
+            }  # fmt: skip
+            assert all(a["instances"] in (2, 3) and a["value_ms"] > 100 for a in doc["active"])
+            own = await get_json(client, f"{survivors[0].admin}/breaches")
+            assert own["active"] == []  # the instance rules are off (scope fleet)
             await driver.retarget(survivors, [150] * 4)
             victim.kill()
             killed_at = time.monotonic()
@@ -293,6 +303,8 @@ async def test_one_event_per_fleet_state_change_and_failover(upstream, redis_ser
             await driver.retarget(survivors, [5] * 10)
             await until(resolved, timeout=30)
             await more_evaluations(client, survivors, 3)
+            doc = await get_json(client, f"{survivors[1].admin}/breaches?scope=fleet")
+            assert doc["active"] == []
         entries = await stream(redis_server.url)
     assert [f["type"] for f in entries].count("breach") == 4, entries
     assert [f["type"] for f in entries].count("resolved") == 4, entries
@@ -399,6 +411,8 @@ async def test_redis_down_keeps_the_last_view_and_traffic_flat(upstream, redis_s
         baseline = await burst(client, pod.base, [0] * 300)
         sent = 350
         before = await until(lambda: fleet_count(350), timeout=10)
+        breaches = await get_json(client, f"{pod.admin}/breaches?scope=fleet")
+        assert breaches["stale_s"] == 0 and breaches["active"] == []
         for pause, resume in (
             (redis_server.pause, redis_server.resume),
             (redis_server.kill, redis_server.start),
@@ -414,6 +428,10 @@ async def test_redis_down_keeps_the_last_view_and_traffic_flat(upstream, redis_s
                 t1 = time.monotonic()
                 stale = await fleet_doc(client, pod)
                 answer_s = time.monotonic() - t1
+                t1 = time.monotonic()
+                breaches = await get_json(client, f"{pod.admin}/breaches?scope=fleet")
+                assert time.monotonic() - t1 < 2.5  # the last ones read, with their age
+                assert breaches["stale_s"] >= 2.5 and breaches["active"] == []
             finally:
                 resume()
             print(f"{pause.__name__}: proxied p50/p99 before {exact(baseline, 0.5) * 1000:.2f}/"

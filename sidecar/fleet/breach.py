@@ -24,10 +24,10 @@ import logging
 import uuid
 from typing import Any
 
-from ..breach import HYSTERESIS, BreachPolicy, Rule, latency_rules, rule_event
+from ..breach import HYSTERESIS, Active, BreachPolicy, Rule, latency_rules, rule_event
 from ..events import BREACH, FLEET_SCOPE, RESOLVED, Event, EventBus
 from ..percentiles import EMPTY, Key
-from .store import FleetStore, Lease, key_of, member_of
+from .store import FleetStore, Lease, RuleState, key_of, member_of
 from .view import FleetView
 
 log = logging.getLogger(__name__)
@@ -139,3 +139,18 @@ class FleetBreaches:
 
 def _kwargs(event: Event) -> dict[str, Any]:
     return dataclasses.asdict(event)
+
+
+def active_json(states: dict[str, RuleState]) -> list[dict[str, Any]]:
+    """The fleet's open breaches, shaped like `/breaches` ``active`` entries (the value
+    and samples are the breach event's, when it was raised), plus ``fleet`` and
+    ``instances``; ordered by route, then rule."""
+    out = []
+    for _, state in sorted(states.items()):
+        if state.active is None:
+            continue
+        event = Event(**{k: v for k, v in state.active.items() if k in _EVENT_FIELDS})
+        doc = Active(event, event.value_ms, event.samples or 0).as_json()
+        doc.update(fleet=event.fleet, instances=event.instances)
+        out.append(doc)
+    return out

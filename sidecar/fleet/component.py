@@ -28,7 +28,7 @@ from ..ids import new_id
 from ..metrics import Metrics
 from ..percentiles import Key, Percentiles
 from ..window import SubWindow
-from .breach import FleetBreaches
+from .breach import FleetBreaches, active_json
 from .gauge import FleetQuantileCollector
 from .layout import SETTLE_S
 from .lease import LeaseHolder
@@ -73,6 +73,7 @@ class Fleet:
         self._ticked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
+        self._breaches_read: tuple[float, list[dict[str, Any]]] | None = None
         self._warned_at = 0.0
         percentiles.tick_hooks.append(self._on_tick)
         metrics.registry.register(
@@ -140,6 +141,23 @@ class Fleet:
             self._next_eval = loop.time() + self._eval_interval
             await self.breaches.evaluate(current)
             self._evaluations.inc()
+
+    async def breaches_json(self) -> dict[str, Any]:
+        """`GET /breaches?scope=fleet`: the fleet's open breaches as the store holds
+        them (whichever sidecar raised them); Redis unreadable: the last ones read, with
+        their age in ``stale_s`` (None: never read)."""
+        try:
+            async with asyncio.timeout(1.5):
+                states = await self.store.rule_states()
+        except (FleetError, TimeoutError):
+            pass
+        else:
+            self._breaches_read = (time.monotonic(), active_json(states))
+        if self._breaches_read is None:
+            return {"fleet": self.name, "active": [], "stale_s": None}
+        read_at, active = self._breaches_read
+        stale_s = round(time.monotonic() - read_at, 1)
+        return {"fleet": self.name, "active": active, "stale_s": stale_s}
 
     async def percentiles_json(self) -> dict[str, Any]:
         """`GET /percentiles?scope=fleet`: refreshed unless fresh; the last state (with
