@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.events import BREACH, Event
+from sidecar.events import BREACH, RESOLVED, Event
 from sidecar.metrics import Metrics
 from sidecar.sinks.alertmanager import AlertmanagerSink
 
@@ -207,3 +208,28 @@ async def test_alertmanager_stops_re_sending_what_it_refuses():
 
 async def _n(value: bool) -> bool:
     return value
+
+
+async def test_one_alert_alertmanager_refuses_does_not_drop_its_batch(alertmanager):
+    """A real Alertmanager answers 400 to an array holding one invalid alert (here a
+    resolve that ends before it starts): only that alert is dropped and counted; the
+    others are delivered and stay firing (re-sent until resolved)."""
+    metrics = Metrics([0.1])
+    sink = AlertmanagerSink(alertmanager, capacity=10, metrics=metrics)
+    good = [dataclasses.replace(_breach(i), route=f"/r{i}") for i in (1, 3)]
+    bad = dataclasses.replace(_breach(2), type=RESOLVED, route="/r2", started_at=time.time() + 60)
+    for event in (good[0], bad, good[1]):
+        sink.enqueue(event)  # queued before the sink runs: one batch of three
+    async with sink:
+        await wait_until(lambda: _n(len(sink) == 0))
+
+    def count(result: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "sidecar_event_deliveries_total", {"sink": "alertmanager", "result": result}
+        )  # fmt: skip
+
+    assert (count("ok"), count("dropped")) == (2.0, 1.0)
+    assert set(sink.firing) == {e.rule_key for e in good}
+    async with aiohttp.ClientSession() as client, client.get(f"{alertmanager}/api/v2/alerts") as r:
+        routes = {a["labels"]["route"] for a in await r.json()}
+    assert routes == {"/r1", "/r3"}

@@ -103,11 +103,21 @@ class AlertmanagerSink(QueuedSink):
     async def deliver(self, batch: Sequence[Event]) -> int:
         alerts = self._alerts(batch)
         reason = await self._post(alerts)
-        if reason is not None:  # refused: resending will not help, nor re-sending later
+        if reason is not None and len(alerts) > 1 and reason.startswith("HTTP 400"):
+            # one alert Alertmanager cannot take fails the whole array: one by one, so
+            # only that one is lost (those sent twice are the same alerts: idempotent)
+            for alert in alerts:
+                self._refused([alert], await self._post([alert]))
+        else:
+            self._refused(alerts, reason)
+        return len(batch)
+
+    def _refused(self, alerts: list[tuple[Event, str]], reason: str | None) -> None:
+        """Refused (``reason``): resending will not help, nor re-sending later."""
+        if reason is not None:
             self._forget(alerts)
             for e, _ in alerts:
                 self.give_up(e, reason)
-        return len(batch)
 
     def _forget(self, alerts: list[tuple[Event, str]]) -> None:
         """Stop re-sending these alerts (a newer state of the same rule stays)."""
