@@ -13,7 +13,12 @@ Python's counterpart of Go's block profile. Two parts, both only while a profile
 
 Samples that show the loop idle (waiting in the selector, or no frame above the loop
 itself) mean the process was not given the CPU or another thread held the GIL; they
-are reported as such, not blamed on code.
+are reported as such, not blamed on code. So is a stall during which the process was
+not scheduled (a busy node): the loop thread used less than half of it in CPU time and
+the watchdog, which wakes every `SAMPLE_INTERVAL_S`, took less than a quarter of its
+samples — whatever code the few samples show was only where the loop was paused. Code
+that blocks in a system call (a `time.sleep`, blocking I/O) uses no CPU either, but
+leaves the watchdog free to sample: it is blamed, as it should be.
 """
 
 from __future__ import annotations
@@ -31,6 +36,16 @@ Stack = tuple[Frame, ...]  # outermost first
 IDLE: Stack = (("<loop>", 0, "loop idle: process not scheduled or GIL held elsewhere"),)
 SAMPLE_INTERVAL_S = 0.002
 MIN_BEAT_S = 0.002
+NOT_SCHEDULED_CPU = 0.5  # the loop thread's CPU time under this share of the stall ...
+NOT_SCHEDULED_SAMPLES = 0.25  # ... and fewer samples than this share of those due
+
+
+def not_scheduled(stall_s: float, cpu_s: float, taken: int, watched_s: float) -> bool:
+    """Was the process not given the CPU for most of a stall of ``stall_s``? The loop
+    thread used ``cpu_s`` of CPU meanwhile; the watchdog took ``taken`` samples in the
+    ``watched_s`` it watched (module docstring)."""
+    due = watched_s / SAMPLE_INTERVAL_S
+    return cpu_s < NOT_SCHEDULED_CPU * stall_s and taken < NOT_SCHEDULED_SAMPLES * due
 
 
 def _stack(frame: Any) -> list[Frame]:
@@ -163,14 +178,31 @@ class BlockProfiler:
         base = self._idle_base
         return bool(base) and len(stack) <= len(base) and tuple(stack) == base[: len(stack)]
 
+    def _loop_cpu(self) -> float | None:
+        """The loop thread's CPU time so far (None where the OS cannot tell)."""
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self.loop_thread))
+        except (AttributeError, OSError):
+            return None
+
+    def _not_scheduled(self, stall_s: float, taken: int, cpu: float | None, since: float) -> bool:
+        if cpu is None or (used := self._loop_cpu()) is None:
+            return False
+        return not_scheduled(stall_s, used - cpu, taken, time.monotonic() - since)
+
     def _watch(self, profile: BlockProfile) -> None:
         samples: Counter[Stack] = Counter()
         seen = self._beat[0]
+        cpu: float | None = None  # the loop thread's CPU time when sampling began
+        since = 0.0  # ... and when that was
         while not self._stop.is_set():
             seq, at, late = self._beat
             if seq != seen:  # a beat ran: close the episode it ended
                 seen = seq
                 if late >= self.threshold_s:
+                    taken = sum(samples.values())
+                    if taken and self._not_scheduled(late, taken, cpu, since):
+                        samples = Counter({IDLE: taken})
                     profile.add(late, samples)
                 samples = Counter()
             now = time.monotonic()
@@ -178,6 +210,8 @@ class BlockProfiler:
             if now < due:
                 self._stop.wait(due - now)
                 continue
+            if not samples:
+                cpu, since = self._loop_cpu(), now
             frame = sys._current_frames().get(self.loop_thread)
             stack = _stack(frame)
             samples[IDLE if self._idle(stack) else tuple(stack)] += 1

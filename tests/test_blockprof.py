@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import aiohttp
 import pytest
 
+from sidecar.blockprof import not_scheduled
 from sidecar.record import TimingRecord
+
+from .process import spawn_sidecar
 
 TOKEN = "block-" + "k" * 40
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -120,3 +125,55 @@ async def test_block_profile_needs_the_token_and_runs_one_at_a_time(profiled):
     for bad in ("seconds=0", "seconds=61", "threshold_ms=0", "threshold_ms=x", "format=svg"):
         async with client.get(f"{prof}/debug/pprof/block?{bad}", headers=AUTH) as r:
             assert r.status == 400, bad
+
+
+@pytest.mark.slow
+async def test_stalls_the_os_caused_are_not_blamed_on_code(upstream):
+    """A busy node deschedules the sidecar mid-request: the stall is real, but no code
+    held the loop. The sidecar process is stopped (SIGSTOP) six times for 150 ms while
+    it proxies: each stop is a stall, and every one is reported as the loop not being
+    scheduled, whatever code the loop happened to be in (a stop usually lands in it)."""
+    _, url = upstream
+    sc = await spawn_sidecar(url, SIDECAR_PROFILING_ENABLED="true",
+                             SIDECAR_PROFILING_TOKEN=TOKEN,
+                             SIDECAR_PROFILING_LISTEN="127.0.0.1:0")  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as client:
+            stop = asyncio.Event()
+            loaders = [
+                asyncio.create_task(_traffic(client, sc.base, "/echo/fine", stop, 0.0))
+                for _ in range(32)  # a loop busy in code, where most stops land
+            ]
+            url = (f"http://127.0.0.1:{sc.profiling_port}/debug/pprof/block"
+                   "?seconds=3&threshold_ms=50&format=json")  # fmt: skip
+
+            async def fetch() -> dict:
+                async with client.get(url, headers=AUTH) as r:
+                    assert r.status == 200
+                    doc: dict = await r.json()
+                    return doc
+
+            profile = asyncio.create_task(fetch())
+            await asyncio.sleep(0.3)  # the stimulus, in the profile's 3 s: timed stops
+            for _ in range(6):
+                os.kill(sc.proc.pid, signal.SIGSTOP)
+                await asyncio.sleep(0.15)
+                os.kill(sc.proc.pid, signal.SIGCONT)
+                await asyncio.sleep(0.2)
+            doc = await profile
+            stop.set()
+            await asyncio.gather(*loaders)
+    finally:
+        sc.terminate()
+        await sc.wait()
+    assert doc["stalls"] >= 4, doc  # each stop, unless the profile began late
+    assert [s for s in doc["stacks"] if not s["idle"]] == [], doc["stacks"]
+
+
+def test_the_not_scheduled_rule():
+    # 100 ms stall, 90 ms watched (50 samples due): the process was stopped
+    assert not_scheduled(0.1, cpu_s=0.002, taken=2, watched_s=0.09)
+    # code blocked in a system call (time.sleep): no CPU, but the watchdog sampled freely
+    assert not not_scheduled(0.1, cpu_s=0.001, taken=40, watched_s=0.09)
+    # CPU-bound code (it holds the GIL: few samples): the CPU time says it ran
+    assert not not_scheduled(0.1, cpu_s=0.095, taken=3, watched_s=0.09)
