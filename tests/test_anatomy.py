@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from sidecar.anatomy.cause import cause_of
 from sidecar.anatomy.metrics import AnatomyMetrics
@@ -31,7 +32,7 @@ from sidecar.percentiles import Percentiles
 from sidecar.record import TimingRecord
 from sidecar.runtime.netstat import listen_queue
 
-from .conftest import ManualTicker, Records, advance
+from .conftest import ManualTicker, Records, advance, serve_app
 from .exact import exact
 
 T = TypeVar("T")
@@ -653,3 +654,31 @@ async def test_content_observers_hear_of_streams_and_reported_usage_only(proxied
     assert [r.stream for r in everything] == [False, False, True]
     assert [r.request_id for r in told] == [r.request_id for r in everything[1:]]
     assert told[0].output_tokens == 3 and told[1].first_token_at is not None
+
+
+async def test_absurd_token_counts_are_not_believed(make_sidecar):
+    """An upstream reports 10**400 tokens (JSON allows 4300 digits): were it counted,
+    every scrape would fail converting the total to a float, until a restart."""
+    huge = "1" + "0" * 400
+    unary = f'{{"choices":[],"usage":{{"completion_tokens":{huge},"prompt_tokens":{huge}}}}}'
+    stream = (f'data: {{"choices":[{{"delta":{{"content":"x"}}}}]}}\n\n'
+              f'data: {{"choices":[],"usage":{{"completion_tokens":{huge}}}}}\n\n'
+              "data: [DONE]\n\n")  # fmt: skip
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path.endswith("/stream"):
+            return web.Response(text=stream, content_type="text/event-stream")
+        return web.Response(text=unary, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/{kind}", answer)
+    async with serve_app(app) as url, aiohttp.ClientSession() as client:
+        sc = await make_sidecar(url)
+        for kind in ("unary", "stream"):
+            async with client.post(f"http://127.0.0.1:{sc.proxy_port}/v1/chat/{kind}") as r:
+                assert r.status == 200 and await r.read()
+        async with client.get(f"http://127.0.0.1:{sc.admin_port}/metrics") as r:
+            assert r.status == 200, await r.text()
+            text = await r.text()
+    assert "sidecar_request_duration_seconds" in text
+    assert huge not in text

@@ -39,6 +39,7 @@ import json
 from typing import Any
 
 from ..record import AnatomyFields
+from .usage import token_count
 
 MAX_EVENT = 1 << 16  # bytes of one event kept while its end has not arrived
 MAX_MISSES = 8  # candidate events parsed without recognising the shape, then give up
@@ -176,11 +177,11 @@ class SseScanner:
     def _take_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
-        out = usage.get("completion_tokens", usage.get("output_tokens"))
-        inp = usage.get("prompt_tokens", usage.get("input_tokens"))
-        if type(out) is int and out >= 0:
+        out = token_count(usage.get("completion_tokens", usage.get("output_tokens")))
+        inp = token_count(usage.get("prompt_tokens", usage.get("input_tokens")))
+        if out is not None:
             self.output_tokens = out
-        if type(inp) is int and inp >= 0:
+        if inp is not None:
             self.input_tokens = inp
 
     def result(self, first_byte_at: float | None) -> AnatomyFields:

@@ -11,10 +11,20 @@ compressed, truncated or of any other shape gives None, never an error.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 TAIL = 4096  # bytes of the body's end searched for "usage"
 _KEY = b'"usage"'
 _decoder = json.JSONDecoder()
+
+
+TOKENS_MAX = 2**31  # more than any answer holds; a bigger count is not believed
+
+
+def token_count(value: Any) -> int | None:
+    """A reported token count, if it is one: an int in [0, `TOKENS_MAX`) (an upstream
+    could send 10**4000, which no float — nor a Prometheus sample — can hold)."""
+    return value if type(value) is int and 0 <= value < TOKENS_MAX else None
 
 
 def usage_of(before: bytes, last: bytes) -> tuple[int | None, int | None] | None:
@@ -41,10 +51,8 @@ def usage_of(before: bytes, last: bytes) -> tuple[int | None, int | None] | None
         return None
     if not isinstance(usage, dict):
         return None
-    out = usage.get("completion_tokens", usage.get("output_tokens"))
-    inp = usage.get("prompt_tokens", usage.get("input_tokens"))
-    output = out if type(out) is int and out >= 0 else None
-    prompt = inp if type(inp) is int and inp >= 0 else None
+    output = token_count(usage.get("completion_tokens", usage.get("output_tokens")))
+    prompt = token_count(usage.get("prompt_tokens", usage.get("input_tokens")))
     if output is None and prompt is None:
         return None
     return output, prompt
