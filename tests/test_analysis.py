@@ -3,16 +3,22 @@ report in a real headless Chromium, and --compare catching an injected upstream 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from sidecar.analysis.load import Sample
 from sidecar.analysis.quantiles import estimate, rank_bounds, verdict
 from sidecar.analysis.recommend import findings, markdown
 from sidecar.analysis.report import CHECK_IMAGES
@@ -207,3 +213,69 @@ def test_recommendations_name_a_saturated_sidecar():
     (saturated,) = [f for f in found if "saturated" in f.title]
     assert saturated.problem and "4 of 10 captures" in saturated.evidence
     assert "Nothing is wrong" not in markdown(found, summary)
+
+
+def test_what_clients_and_targets_put_in_names_stays_text():
+    """Route labels come from clients' paths, function names and figures from the
+    target: in the plots, RECOMMENDATIONS.md and the report they stay text."""
+    from sidecar.analysis.recommend import Finding
+    from sidecar.analysis.report import CSP, _n, plots
+
+    # mathtext in a legend ("$\\foo$" from a request path) made the whole report fail
+    t0 = time.time()
+    samples = [Sample(t0 + i * 0.01, "/$\\foo$", 10.0 + i % 7, True) for i in range(200)]
+    assert plots({"gate": {}, "p95_ms": 120}, samples, [], None)["latency"].startswith("data:")
+    # markdown: no raw HTML, heading, newline or escape sequence gets through
+    hostile = Finding(True, "overhead of /<img src=x onerror=alert(1)>", "in f\n# forged\x1b[2J")
+    text = markdown([hostile], {"p95_ms": 120, "error_rate": 0.0})
+    assert not re.search(r"(?<!\\)<", text), text  # every "<" escaped: literal text
+    assert "\n# forged" not in text and "\x1b" not in text
+    assert "\\<img src=x onerror=alert(1)\\>" in text
+    # the report's figures: a string where a number belongs is no number (and no tag)
+    assert math.isnan(_n("<script>")) and math.isnan(_n(True)) and _n(10**400) == math.inf
+    assert "script-src 'sha256-" in CSP and "default-src 'none'" in CSP
+
+
+async def test_a_hostile_target_cannot_crash_or_flood_the_capture(monkeypatch):
+    """/stats nested past any parser's recursion, a block profile that is no object and
+    a /metrics answer bigger than the cap: each is a note, the capture goes on."""
+    from aiohttp import web
+
+    from sidecar.analysis import capture as cap_mod
+    from sidecar.analysis.target import Target
+
+    from .conftest import serve_app
+
+    monkeypatch.setattr(cap_mod, "ANSWER_MAX", 1 << 20)
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.Response(text="[" * 100_000, content_type="application/json")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text="# x\n" * (1 << 19))  # 2 MiB
+
+    async def block(_: web.Request) -> web.Response:
+        return web.json_response([1, 2, 3])
+
+    async def cpu(_: web.Request) -> web.Response:
+        return web.Response(text="main;f 1\n")
+
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+
+    async def percentiles(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app.router.add_get("/percentiles", percentiles)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/debug/pprof/block", block)
+    app.router.add_get("/debug/pprof/cpu", cpu)
+    async with serve_app(app) as url, aiohttp.ClientSession() as client:
+        target = Target(url, url, url, "t" * 40, embedded=False)
+        capture = cap_mod.Capture(interval=0.01)
+        stop = asyncio.Event()
+        stop.set()  # one sample, then return
+        await cap_mod.sample_loop(client, target, capture, stop)
+        await cap_mod.profiles(client, target, capture, 1)
+    assert capture.samples == [] and "a sample failed" in capture.notes[0]
+    assert capture.block is None and capture.cpu_folded == "main;f 1\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,10 +54,28 @@ class Capture:
     notes: list[str] = field(default_factory=list)
 
 
+ANSWER_MAX = 64 * 2**20  # of any one answer from the target (a /metrics of 100 routes: ~1 MiB)
+
+
+async def _body(r: aiohttp.ClientResponse) -> str:
+    """The answer's text, refused past `ANSWER_MAX` (the target may be hostile)."""
+    data = await r.content.read(ANSWER_MAX + 1)
+    if len(data) > ANSWER_MAX:
+        raise ValueError(f"an answer of {r.url.path} over {ANSWER_MAX >> 20} MiB")
+    return data.decode("utf-8", "replace")
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:  # nested beyond reason: not an answer of ours
+        raise ValueError("JSON nested too deep") from None
+
+
 async def _get_json(client: aiohttp.ClientSession, url: str) -> Any:
     async with client.get(url) as r:
         r.raise_for_status()
-        return await r.json()
+        return _json(await _body(r))
 
 
 async def _sample(client: aiohttp.ClientSession, target: Target) -> dict[str, Any]:
@@ -65,7 +84,7 @@ async def _sample(client: aiohttp.ClientSession, target: Target) -> dict[str, An
         _get_json(client, target.admin_url + "/percentiles"),
     )
     async with client.get(target.admin_url + "/metrics") as r:
-        text = await r.text()
+        text = await _body(r)
     return {
         "t": time.time(),
         "stats": stats,
@@ -106,19 +125,20 @@ async def profiles(
         url = f"{base}/cpu?seconds={seconds:g}&format=collapsed"
         async with client.get(url, headers=auth, timeout=timeout) as r:
             if r.status != 200:
-                cap.notes.append(f"CPU profile: HTTP {r.status} {(await r.text())[:200]!r}")
+                cap.notes.append(f"CPU profile: HTTP {r.status} {(await _body(r))[:200]!r}")
                 return
-            cap.cpu_folded = await r.text()
+            cap.cpu_folded = await _body(r)
 
     async def block() -> None:
         url = f"{base}/block?seconds={seconds:g}&threshold_ms={BLOCK_THRESHOLD_MS}&format=json"
         async with client.get(url, headers=auth, timeout=timeout) as r:
             if r.status != 200:
-                cap.notes.append(f"block profile: HTTP {r.status} {(await r.text())[:200]!r}")
+                cap.notes.append(f"block profile: HTTP {r.status} {(await _body(r))[:200]!r}")
                 return
-            cap.block = await r.json()
+            block = _json(await _body(r))
+            cap.block = block if isinstance(block, dict) else None
 
     try:
         await asyncio.gather(cpu(), block())
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         cap.notes.append(f"profiling listener: {exc!r}")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..printable import printable
 from .compare import quantile_deltas
 from .load import Sample
 
@@ -239,6 +240,16 @@ def findings(
     return out
 
 
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_[]<>#|"})
+
+
+def _md(text: str) -> str:
+    """A finding's text as Markdown shows it, whatever it quotes: route labels come from
+    clients and function names from the target, so no newline, escape sequence, HTML
+    tag or Markdown markup of theirs gets through."""
+    return printable(text).translate(_MD_SPECIAL)
+
+
 def markdown(found: Sequence[Finding], summary: dict[str, Any]) -> str:
     problems = [f for f in found if f.problem]
     notes = [f for f in found if not f.problem]
@@ -257,11 +268,11 @@ def markdown(found: Sequence[Finding], summary: dict[str, Any]) -> str:
     else:
         lines += ["## Problems", ""]
         for f in problems:
-            lines += [f"- **{f.title}**", f"  - evidence: {f.evidence}"]
+            lines += [f"- **{_md(f.title)}**", f"  - evidence: {_md(f.evidence)}"]
         lines.append("")
     if notes:
         lines += ["## Observations", ""]
         for f in notes:
-            lines += [f"- {f.title}", f"  - evidence: {f.evidence}"]
+            lines += [f"- {_md(f.title)}", f"  - evidence: {_md(f.evidence)}"]
         lines.append("")
     return "\n".join(lines)

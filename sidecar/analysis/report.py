@@ -5,8 +5,10 @@ check that every embedded image decoded (and say so on the console if not)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,17 @@ window.addEventListener("load", () => {
   }
 });
 </script>"""
+# only the script above may run, and nothing may be fetched: whatever a hostile target
+# managed to put into the page stays text (every value is escaped as well)
+_SCRIPT_HASH = base64.b64encode(
+    hashlib.sha256(
+        CHECK_IMAGES.removeprefix("<script>").removesuffix("</script>").encode()
+    ).digest()
+).decode()
+CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    f"script-src 'sha256-{_SCRIPT_HASH}'"
+)
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
@@ -40,6 +53,16 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _n(value: Any) -> float:
+    """A number the target reported, or NaN if it is not one (it may be hostile)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:  # an int of 400 digits
+        return math.inf
+
+
 def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
@@ -53,6 +76,9 @@ def plots(
     import matplotlib
 
     matplotlib.use("Agg")
+    # route labels come from clients and function names from the target: "$...$" in
+    # them is text, not mathtext (which fails on what it cannot parse)
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     out: dict[str, str] = {}
@@ -187,6 +213,7 @@ def render(
     verdict = meta["verdict"]
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         f"<title>latency-sidecar analysis {e(meta['started_at'])}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>latency-sidecar analysis — {e(meta['started_at'])}</h1>",
@@ -264,20 +291,20 @@ def render(
                         f"<p>{label}: CPU mean {p.get('cpu_percent_mean') or 0:.1f}% "
                         f"(peak {p.get('cpu_percent_max') or 0:.1f}%), "
                         f"{'-' if per is None else f'{per:.3f}'} ms CPU per request, RSS "
-                        f"{(p.get('rss_end_bytes') or 0) / 2**20:.1f} MiB, threads "
-                        f"{p.get('threads_max')}</p>"
+                        f"{_n(p.get('rss_end_bytes')) / 2**20:.1f} MiB, threads "
+                        f"{e(str(p.get('threads_max')))}</p>"
                     )
         if key == "blocked":
             block = summary.get("block")
             if block:
                 parts.append(
-                    f"<p>{block['stalls']} stalls longer than {block['threshold_ms']:g} ms, "
-                    f"{block['blocked_ms']:.1f} ms in total, longest "
-                    f"{block['max_stall_ms']:.1f} ms.</p>"
+                    f"<p>{_n(block.get('stalls')):g} stalls longer than "
+                    f"{_n(block.get('threshold_ms')):g} ms, {_n(block.get('blocked_ms')):.1f} "
+                    f"ms in total, longest {_n(block.get('max_stall_ms')):.1f} ms.</p>"
                 )
-                for st in block["stacks"][:5]:
+                for st in block.get("stacks", [])[:5]:
                     parts.append(
-                        f"<pre>{st['blocked_ms']:.1f} ms, {st['stalls']} stalls\n"
+                        f"<pre>{_n(st.get('blocked_ms')):.1f} ms, {_n(st.get('stalls')):g} stalls\n"
                         + e("\n".join(reversed(st["frames"])))
                         + "</pre>"
                     )
