@@ -692,3 +692,52 @@ async def test_late_writes_are_read_again_and_retries_count_once(redis_server):
     finally:
         for st in stores:
             await st.aclose()
+
+
+def test_slot_payloads_no_sidecar_wrote_are_skipped():
+    from sidecar.fleet.store import _parse
+
+    assert _parse("5 3 m 0.1").count == 3
+    for bad in ("5 3 m ", "5 1" + "0" * 309, "5 -1", "99999999 1", "x y", "5"):
+        assert _parse(bad).count == 0, bad
+
+
+@pytest.mark.slow
+@pytest.mark.tools
+async def test_what_no_sidecar_wrote_in_redis_does_not_stop_the_fleet(upstream, redis_server):
+    """Redis is shared; its contents are not ours. Entries of the wrong shape in the
+    outbox, the rules' state and the instances set are dropped or ignored: the fleet's
+    breach still comes, exactly once, and every fleet endpoint answers."""
+    _, url = upstream
+    client_r = aioredis.Redis.from_url(redis_server.url)
+    prefix = "sidecar:fleet:{t}"
+    junk = ["[]", '{"fields":{"event_id":"x","a":{}}}', "[" * 50_000]
+    await client_r.rpush(f"{prefix}:outbox", *junk)
+    # the very rule about to breach holds a state no sidecar wrote: it is overwritten
+    await client_r.hset(f"{prefix}:breaches", mapping={
+        f"p95 u:{ROUTE}": "1 [1]", "p95 u:*": "2 " + "[" * 50_000, "junk": "x y"})  # fmt: skip
+    await client_r.zadd(f"{prefix}:instances", {b"\xff\xfe": 9e15})
+    rules = {"SIDECAR_P95_THRESHOLD_MS": "100", "SIDECAR_P99_THRESHOLD_MS": "10000",
+             "SIDECAR_MIN_SAMPLES": "10", "SIDECAR_BREACH_SCOPE": "fleet"}  # fmt: skip
+    try:
+        async with (
+            fleet_of(1, url, redis_server.url, env=rules) as (pod,),
+            aiohttp.ClientSession() as client,
+        ):
+            await burst(client, pod.base, [150] * 12)
+
+            async def raised():
+                fleet = [f for f in await stream(redis_server.url) if f["type"] == "breach"]
+                return fleet if len(fleet) >= 2 else None  # the route and "*"
+
+            entries = await until(raised, timeout=15)
+            assert await client_r.llen(f"{prefix}:outbox") == 0  # drained, junk too
+            for path in ("/breaches?scope=fleet", "/percentiles?scope=fleet"):
+                doc = await get_json(client, f"{pod.admin}{path}")
+                assert doc["fleet"] == "t", doc
+            await more_evaluations(client, [pod], 2)
+            assert len([f for f in await stream(redis_server.url) if f["type"] == "breach"]) == 2
+            assert b"Traceback" not in pod.stderr, pod.stderr.decode()[-3000:]
+    finally:
+        await client_r.aclose()
+    assert {(f["route"], f["quantile"]) for f in entries} == {(ROUTE, "p95"), ("*", "p95")}

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,11 +39,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from ..events import Event
 from ..percentiles import Key
 from ..routes import ALL
 from ..sketch import NBUCKETS
 from ..window import SubWindow
 from .layout import LEASE_TTL_S, expires_at, late_after, slot_of, slots_in
+
+log = logging.getLogger(__name__)
+EVENT_FIELDS = frozenset(f.name for f in dataclasses.fields(Event))
+COUNT_MAX = 2**53  # a bucket count above it was not written by a sidecar
 
 KIND = {False: "u", True: "s"}
 
@@ -269,6 +276,7 @@ class RedisFleetStore:
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             decode_responses=True,
+            encoding_errors="backslashreplace",  # a non-UTF-8 member is a name, not a crash
         )
         self.fleet = fleet
         self.prefix = f"sidecar:fleet:{{{fleet}}}"
@@ -455,7 +463,10 @@ class RedisFleetStore:
             instances, *counts = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise FleetError(str(exc)) from None
-        return sorted(instances), {k: int(n) for k, n in zip(keys, counts, strict=True)}
+        try:
+            return sorted(instances), {k: int(n) for k, n in zip(keys, counts, strict=True)}
+        except ValueError as exc:
+            raise FleetError(f"malformed counts: {exc}") from None
 
     # --- fleet breach state and its events -------------------------------------------
     async def rule_states(self) -> dict[str, RuleState]:
@@ -467,9 +478,11 @@ class RedisFleetStore:
         for rule, value in raw.items():
             gen, _, doc = str(value).partition(" ")
             try:
-                out[str(rule)] = RuleState(int(gen), json.loads(doc))
+                version = int(gen)
             except ValueError:
                 continue
+            # a state no sidecar wrote is no open breach: the next change overwrites it
+            out[str(rule)] = RuleState(version, _active_breach(doc))
         return out
 
     async def transition(
@@ -496,7 +509,9 @@ class RedisFleetStore:
             raw = await self.client.lrange(self.key("outbox"), 0, 99)
             if not raw:
                 return []
-            events = [json.loads(r) for r in raw]
+            events = [doc for doc in map(_outbox_entry, map(str, raw)) if doc is not None]
+            if len(events) < len(raw):  # popped below with the rest: never a jam
+                log.warning("fleet outbox: %d malformed entries dropped", len(raw) - len(events))
             tail = await self.client.xrevrange(stream, count=len(events) + 64) or []
             present = {f.get("event_id") for _, f in tail if f}
             pipe = self.client.pipeline(transaction=False)
@@ -504,10 +519,10 @@ class RedisFleetStore:
                 if doc["fields"]["event_id"] not in present:
                     pipe.xadd(stream, doc["fields"], maxlen=maxlen, approximate=True)
             await pipe.execute()
-        except (RedisError, OSError, ValueError, KeyError) as exc:
+        except (RedisError, OSError) as exc:
             raise FleetError(str(exc)) from None
         keys = [self.key("lease"), self.key("outbox")]
-        await self._run([(_POP_S, keys, [f"{self.incarnation} {lease.token}", len(events)])])
+        await self._run([(_POP_S, keys, [f"{self.incarnation} {lease.token}", len(raw)])])
         return events
 
     async def aclose(self) -> None:
@@ -541,6 +556,42 @@ def _payload(sub: SubWindow) -> str:
     return " ".join(f"{b}:{c}" for b, c in sub.counts.items()) + f" m{sub.max!r}"
 
 
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _active_breach(text: str) -> dict[str, Any] | None:
+    """A rule's open breach (Event fields) as `transition` stored it; None for
+    anything else (no sidecar wrote it: Redis is shared, its contents are not ours)."""
+    doc = _json(text)
+    if not isinstance(doc, dict):
+        return None
+    try:
+        event = Event(**{k: v for k, v in doc.items() if k in EVENT_FIELDS})
+        event.fields()  # every field formats: the event can be shown and sent
+        float(event.ts)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return doc
+
+
+def _outbox_entry(text: str) -> dict[str, Any] | None:
+    """An outbox entry as `transition` queued it ({"fields": the stream entry, "event":
+    the Event's fields}); None for anything else."""
+    doc = _json(text)
+    if not isinstance(doc, dict) or _active_breach(json.dumps(doc.get("event"))) is None:
+        return None
+    fields = doc.get("fields")
+    if not isinstance(fields, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in fields.items()
+    ):
+        return None
+    return doc if isinstance(fields.get("event_id"), str) else None
+
+
 def _parse(text: str) -> SubWindow:
     """A slot hash as written by `_SHARE` ("bucket count ... m max"); a malformed one
     (not written by a sidecar) is skipped whole."""
@@ -554,9 +605,14 @@ def _parse(text: str) -> SubWindow:
             del fields[i], values[i]
             sub.max = vmax if math.isfinite(vmax) else 0.0
         counts = dict(zip(map(int, fields), map(int, values), strict=True))
-    except ValueError:
+    except (ValueError, IndexError):
         return SubWindow()
-    if counts and (min(counts) < 0 or max(counts) >= NBUCKETS or min(counts.values()) < 0):
+    if counts and (
+        min(counts) < 0
+        or max(counts) >= NBUCKETS
+        or min(counts.values()) < 0
+        or max(counts.values()) >= COUNT_MAX
+    ):
         return SubWindow()
     sub.counts = counts
     sub.count = sum(counts.values())
