@@ -144,15 +144,18 @@ class Fleet:
 
     async def breaches_json(self) -> dict[str, Any]:
         """`GET /breaches?scope=fleet`: the fleet's open breaches as the store holds
-        them (whichever sidecar raised them); Redis unreadable: the last ones read, with
-        their age in ``stale_s`` (None: never read)."""
-        try:
-            async with asyncio.timeout(1.5):
-                states = await self.store.rule_states()
-        except (FleetError, TimeoutError):
-            pass
-        else:
-            self._breaches_read = (time.monotonic(), active_json(states))
+        them (whichever sidecar raised them), read at most once a second however often
+        asked; Redis unreadable: the last ones read, with their age in ``stale_s``
+        (None: never read)."""
+        read = self._breaches_read
+        if read is None or time.monotonic() - read[0] >= 1.0:  # at most one read a second
+            try:
+                async with asyncio.timeout(1.5):
+                    states = await self.store.rule_states()
+            except (FleetError, TimeoutError):
+                pass
+            else:
+                self._breaches_read = (time.monotonic(), active_json(states))
         if self._breaches_read is None:
             return {"fleet": self.name, "active": [], "stale_s": None}
         read_at, active = self._breaches_read
