@@ -133,3 +133,20 @@ def test_the_slowdown_schedule_starts_with_the_first_request():
     assert gateway.slowdown() == 5.0  # the first request: the cycle starts, slow
     assert gateway.started is not None
     assert DemoGateway(seed=1).slowdown() == 1.0  # no schedule: never slower
+
+
+def test_event_lines_in_the_table_are_escaped():
+    """Fleet events' routes were read back from Redis: no escape sequence of theirs
+    reaches the terminal the demo table is drawn on."""
+    from sidecar.demo.table import render
+    from sidecar.events import BREACH, Event
+    from sidecar.percentiles import Snapshot
+
+    event = Event(
+        type=BREACH, severity="warning", route="/x\x1b[2J\u202e", stream=False,
+        quantile="p95", window_s=10, value_ms=250.0, threshold_ms=100, samples=50,
+        instance="pod", ts=0.0, scope="fleet", fleet="t",
+    )  # fmt: skip
+    text = render(Snapshot(0.0, (10,), {}), ErrorCounter(10), 5.0, events=[event])
+    assert "\\x1b[2J\\u202e" in text
+    assert all(line.isprintable() for line in text.splitlines()), text

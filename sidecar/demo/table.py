@@ -10,6 +10,7 @@ from typing import Any
 
 from ..events import BREACH, LATENCY, RESOLVED, Event
 from ..percentiles import Snapshot
+from ..printable import printable
 from ..reader import format_event
 from ..record import UPSTREAM_ERRORS, TimingRecord
 from ..routes import ALL
@@ -106,5 +107,6 @@ def render(
     changes = [e for e in events if e.type in (BREACH, RESOLVED)]
     if changes:
         lines.append("latest breach events (as `latency-sidecar events` prints them):")
-        lines.extend("  " + format_event(e.event_id, e.fields()) for e in changes[-8:])
+        # fleet events' routes were read back from Redis: escaped like `events` does
+        lines.extend("  " + printable(format_event(e.event_id, e.fields())) for e in changes[-8:])
     return "\n".join(lines)
