@@ -695,11 +695,15 @@ async def test_late_writes_are_read_again_and_retries_count_once(redis_server):
 
 
 def test_slot_payloads_no_sidecar_wrote_are_skipped():
-    from sidecar.fleet.store import _parse
+    from sidecar.fleet.store import _parse, key_of
 
     assert _parse("5 3 m 0.1").count == 3
     for bad in ("5 3 m ", "5 1" + "0" * 309, "5 -1", "99999999 1", "x y", "5"):
         assert _parse(bad).count == 0, bad
+    # member names: what a sidecar writes (printable labels of at most 128 characters)
+    assert key_of("u:/v1/chat") == ("/v1/chat", False) and key_of("s:*") == ("*", True)
+    for bad in ("u:/x\x1b[2J", "u:" + "a" * 129, "x:/y", "u:"):
+        assert key_of(bad) is None, bad
 
 
 @pytest.mark.slow

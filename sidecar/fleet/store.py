@@ -41,7 +41,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..events import Event
 from ..percentiles import Key
-from ..routes import ALL
+from ..routes import ALL, LABEL_MAX
 from ..sketch import NBUCKETS
 from ..window import SubWindow
 from .layout import LEASE_TTL_S, expires_at, late_after, slot_of, slots_in
@@ -59,8 +59,11 @@ def member_of(key: Key) -> str:
 
 
 def key_of(member: str) -> Key | None:
+    """The (route, stream) a member names; None for a name no sidecar writes (every
+    route label is printable and at most `LABEL_MAX` characters): it becomes a
+    Prometheus label and terminal text on every reader."""
     kind, _, route = member.partition(":")
-    if kind not in ("u", "s") or not route:
+    if kind not in ("u", "s") or not route or len(route) > LABEL_MAX or not route.isprintable():
         return None
     return (route, kind == "s")
 
