@@ -27,7 +27,7 @@ from typing import Any
 from ..breach import HYSTERESIS, Active, BreachPolicy, Rule, latency_rules, rule_event
 from ..events import BREACH, FLEET_SCOPE, RESOLVED, Event, EventBus
 from ..percentiles import EMPTY, Key
-from .store import EVENT_FIELDS, FleetStore, Lease, RuleState, key_of, member_of
+from .store import FleetStore, Lease, RuleState, event_of, key_of, member_of
 from .view import FleetView
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class FleetBreaches:
         delivered = await self._store.deliver_outbox(lease, self._stream, self._maxlen)
         events = []
         for doc in delivered:
-            event = Event(**{k: v for k, v in doc["event"].items() if k in EVENT_FIELDS})
+            event = event_of(doc["event"])
             # the stream has it already; the other sinks (webhooks, Alertmanager) get it here
             self._bus.publish(event, skip=("redis",))
             events.append(event)
@@ -148,7 +148,7 @@ def active_json(states: dict[str, RuleState]) -> list[dict[str, Any]]:
     for _, state in sorted(states.items()):
         if state.active is None:
             continue
-        event = Event(**{k: v for k, v in state.active.items() if k in EVENT_FIELDS})
+        event = event_of(state.active)
         doc = Active(event, event.value_ms, event.samples or 0).as_json()
         doc.update(fleet=event.fleet, instances=event.instances)
         out.append(doc)

@@ -566,14 +566,19 @@ def _json(text: str) -> Any:
         return None
 
 
-def _active_breach(text: str) -> dict[str, Any] | None:
-    """A rule's open breach (Event fields) as `transition` stored it; None for
-    anything else (no sidecar wrote it: Redis is shared, its contents are not ours)."""
-    doc = _json(text)
+def event_of(doc: dict[str, Any]) -> Event:
+    """The `Event` a stored document (its fields, as `dataclasses.asdict` wrote them)
+    describes; raises TypeError when fields are missing."""
+    return Event(**{k: v for k, v in doc.items() if k in EVENT_FIELDS})
+
+
+def _event_doc(doc: Any) -> dict[str, Any] | None:
+    """``doc`` if it is an event as a sidecar stores it, else None (Redis is shared, its
+    contents are not ours)."""
     if not isinstance(doc, dict):
         return None
     try:
-        event = Event(**{k: v for k, v in doc.items() if k in EVENT_FIELDS})
+        event = event_of(doc)
         event.fields()  # every field formats: the event can be shown and sent
         float(event.ts)
     except (TypeError, ValueError, OverflowError):
@@ -581,11 +586,17 @@ def _active_breach(text: str) -> dict[str, Any] | None:
     return doc
 
 
+def _active_breach(text: str) -> dict[str, Any] | None:
+    """A rule's open breach (Event fields) as `transition` stored it; None for
+    anything else."""
+    return _event_doc(_json(text))
+
+
 def _outbox_entry(text: str) -> dict[str, Any] | None:
     """An outbox entry as `transition` queued it ({"fields": the stream entry, "event":
     the Event's fields}); None for anything else."""
     doc = _json(text)
-    if not isinstance(doc, dict) or _active_breach(json.dumps(doc.get("event"))) is None:
+    if not isinstance(doc, dict) or _event_doc(doc.get("event")) is None:
         return None
     fields = doc.get("fields")
     if not isinstance(fields, dict) or not all(
