@@ -4,26 +4,36 @@ Python's counterpart of Go's block profile. Two parts, both only while a profile
 
 - a heartbeat on the loop: a timer every `threshold / 4` that stamps when it ran and
   how late (a loop that is held cannot run its timers, so the lateness of the beat is
-  the time it was held, within one beat period below the truth);
+  the time it was held, within one beat period below the truth); each beat also notes
+  what the loop thread did since the previous beat: its CPU time, its time waiting
+  for a CPU (Linux schedstat), and the time the garbage collector ran in it;
 - a watchdog thread that sleeps until the next beat is due and, while a beat is
   overdue, samples the loop thread's Python stack (`sys._current_frames()`) every
   `SAMPLE_INTERVAL_S`. When the late beat finally runs and was later than the
   threshold, the stall is recorded and its time is shared out between the stacks
   sampled during it.
 
-Samples that show the loop idle (waiting in the selector, or no frame above the loop
-itself) mean the process was not given the CPU or another thread held the GIL; they
-are reported as such, not blamed on code. So is a stall during which the process was
-not scheduled (a busy node): the loop thread used less than half of it in CPU time and
-the watchdog, which wakes every `SAMPLE_INTERVAL_S`, took less than a quarter of its
-samples — whatever code the few samples show was only where the loop was paused. Code
-that blocks in a system call (a `time.sleep`, blocking I/O) uses no CPU either, but
-leaves the watchdog free to sample: it is blamed, as it should be.
+Not every stall is code's doing, and those that are not are named for what they are:
+
+- the garbage collector ran for at least half of it: the stall goes to `GC` (the
+  stack the samples show only allocated the object that triggered the collection);
+- the process was not given the CPU for most of it (a busy node, CPU throttling, a
+  stopped process): the loop thread waited at least half of the stall for a CPU, or
+  used less than half of it in CPU time while the watchdog, which wakes every
+  `SAMPLE_INTERVAL_S`, got less than a quarter of its samples; the stall goes to
+  `IDLE`, whatever code the few samples show (that is only where the loop was paused);
+- samples that show the loop waiting in the selector (or no frame above the loop
+  itself) are `IDLE` too.
+
+Code that blocks in a system call (a `time.sleep`, blocking I/O) uses no CPU either,
+but leaves the watchdog free to sample: it is blamed, as it should be.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import sys
 import threading
 import time
@@ -34,18 +44,64 @@ from typing import Any
 Frame = tuple[str, int, str]  # filename, first line, function
 Stack = tuple[Frame, ...]  # outermost first
 IDLE: Stack = (("<loop>", 0, "loop idle: process not scheduled or GIL held elsewhere"),)
+GC: Stack = (("<gc>", 0, "garbage collection held the loop"),)
 SAMPLE_INTERVAL_S = 0.002
 MIN_BEAT_S = 0.002
 NOT_SCHEDULED_CPU = 0.5  # the loop thread's CPU time under this share of the stall ...
 NOT_SCHEDULED_SAMPLES = 0.25  # ... and fewer samples than this share of those due
+NOT_SCHEDULED_WAIT = 0.5  # or: the loop thread waited for a CPU this share of the stall
+GC_SHARE = 0.5  # the collector ran this share of the stall: the stall is the collector's
 
 
-def not_scheduled(stall_s: float, cpu_s: float, taken: int, watched_s: float) -> bool:
-    """Was the process not given the CPU for most of a stall of ``stall_s``? The loop
-    thread used ``cpu_s`` of CPU meanwhile; the watchdog took ``taken`` samples in the
-    ``watched_s`` it watched (module docstring)."""
-    due = watched_s / SAMPLE_INTERVAL_S
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat, and what the loop thread did since the previous one."""
+
+    seq: int
+    at: float  # time.monotonic() when it ran
+    late: float  # how much later than due it ran: the stall, if over the threshold
+    cpu_s: float  # the loop thread's CPU time since the previous beat
+    wait_s: float | None  # its time runnable but waiting for a CPU (None: unknown)
+    gc_s: float  # time the garbage collector ran in it
+
+
+def not_scheduled(stall_s: float, cpu_s: float, taken: int, wait_s: float | None = None) -> bool:
+    """Was the process not given the CPU for most of a stall of ``stall_s``? Since the
+    stall began, the loop thread used ``cpu_s`` of CPU and waited ``wait_s`` for one;
+    the watchdog took ``taken`` samples (module docstring)."""
+    if wait_s is not None and wait_s >= NOT_SCHEDULED_WAIT * stall_s:
+        return True
+    due = stall_s / SAMPLE_INTERVAL_S
     return cpu_s < NOT_SCHEDULED_CPU * stall_s and taken < NOT_SCHEDULED_SAMPLES * due
+
+
+def classify(beat: Beat, samples: Counter[Stack]) -> Counter[Stack]:
+    """The samples of the stall ``beat`` ended, with the stall given to the collector
+    or to the scheduler when it was theirs (module docstring)."""
+    taken = max(1, sum(samples.values()))
+    if beat.gc_s >= GC_SHARE * beat.late:
+        return Counter({GC: taken})
+    if samples and not_scheduled(beat.late, beat.cpu_s, taken, beat.wait_s):
+        return Counter({IDLE: taken})
+    return samples
+
+
+def _run_delay(fd: int | None) -> float | None:
+    """The calling thread's time waiting for a CPU so far, from its open
+    ``/proc/thread-self/schedstat`` (None where there is none)."""
+    if fd is None:
+        return None
+    try:
+        return int(os.pread(fd, 128, 0).split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _open_schedstat() -> int | None:
+    try:
+        return os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def _stack(frame: Any) -> list[Frame]:
@@ -111,6 +167,7 @@ class BlockProfile:
                     "blocked_ms": round(s.blocked_s * 1000, 3),
                     "max_stall_ms": round(s.max_stall_s * 1000, 3),
                     "idle": stack == IDLE,
+                    "gc": stack == GC,
                     "frames": [label(f) for f in stack],
                 }
                 for stack, s in self.ranked()
@@ -138,7 +195,7 @@ class BlockProfile:
 
 def label(frame: Frame) -> str:
     filename, line, name = frame
-    if filename == "<loop>":
+    if (frame,) in (IDLE, GC):
         return name
     short = filename.rsplit("site-packages/", 1)[-1].rsplit("/lib/python", 1)[-1]
     return f"{name} ({short}:{line})"
@@ -151,11 +208,39 @@ class BlockProfiler:
         self.loop_thread = loop_thread
         self.threshold_s = threshold_s
         self.beat_s = max(MIN_BEAT_S, threshold_s / 4)
-        # (sequence, monotonic time the beat ran, how late it ran): replaced as a whole
-        # by the loop, read by the watchdog (a tuple assignment is atomic)
-        self._beat: tuple[int, float, float] = (0, time.monotonic(), 0.0)
+        # the last beat: replaced as a whole by the loop, read by the watchdog (an
+        # attribute assignment is atomic)
+        self._beat = Beat(0, time.monotonic(), 0.0, 0.0, None, 0.0)
         self._idle_base: tuple[Frame, ...] = ()
         self._stop = threading.Event()
+        # the loop thread's clocks at the last beat: CPU, waiting for a CPU, collector
+        self._schedstat: int | None = None
+        self._cpu = 0.0
+        self._wait: float | None = None
+        self._gc_total = 0.0
+        self._gc_at = 0.0
+        self._gc_began: float | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if threading.get_ident() != self.loop_thread:
+            return
+        if phase == "start":
+            self._gc_began = time.monotonic()
+        elif self._gc_began is not None:
+            self._gc_total += time.monotonic() - self._gc_began
+            self._gc_began = None
+
+    def _mark(self) -> tuple[float, float | None, float]:
+        """Since the last call (in the loop thread): its CPU time, its wait for a CPU,
+        the collector's time in it."""
+        cpu, wait, gc_total = time.thread_time(), _run_delay(self._schedstat), self._gc_total
+        spent = (
+            cpu - self._cpu,
+            None if wait is None or self._wait is None else wait - self._wait,
+            gc_total - self._gc_at,
+        )
+        self._cpu, self._wait, self._gc_at = cpu, wait, gc_total
+        return spent
 
     def _on_beat(self, loop: asyncio.AbstractEventLoop, expected: float) -> None:
         now = loop.time()
@@ -163,8 +248,10 @@ class BlockProfiler:
             # the loop's own frames below this callback: a sample equal to a prefix of
             # them is the loop waiting for I/O, not code holding it
             self._idle_base = tuple(_stack(sys._getframe(1)))
-        seq = self._beat[0] + 1
-        self._beat = (seq, time.monotonic(), max(0.0, now - expected))
+        cpu, wait, gc_s = self._mark()
+        self._beat = Beat(
+            self._beat.seq + 1, time.monotonic(), max(0.0, now - expected), cpu, wait, gc_s
+        )
         if not self._stop.is_set():
             loop.call_at(now + self.beat_s, self._on_beat, loop, now + self.beat_s)
 
@@ -178,53 +265,37 @@ class BlockProfiler:
         base = self._idle_base
         return bool(base) and len(stack) <= len(base) and tuple(stack) == base[: len(stack)]
 
-    def _loop_cpu(self) -> float | None:
-        """The loop thread's CPU time so far (None where the OS cannot tell)."""
-        try:
-            return time.clock_gettime(time.pthread_getcpuclockid(self.loop_thread))
-        except (AttributeError, OSError):
-            return None
-
-    def _not_scheduled(self, stall_s: float, taken: int, cpu: float | None, since: float) -> bool:
-        if cpu is None or (used := self._loop_cpu()) is None:
-            return False
-        return not_scheduled(stall_s, used - cpu, taken, time.monotonic() - since)
-
     def _watch(self, profile: BlockProfile) -> None:
         samples: Counter[Stack] = Counter()
-        seen = self._beat[0]
-        cpu: float | None = None  # the loop thread's CPU time when sampling began
-        since = 0.0  # ... and when that was
+        seen = self._beat.seq
         while not self._stop.is_set():
-            seq, at, late = self._beat
-            if seq != seen:  # a beat ran: close the episode it ended
-                seen = seq
-                if late >= self.threshold_s:
-                    taken = sum(samples.values())
-                    if taken and self._not_scheduled(late, taken, cpu, since):
-                        samples = Counter({IDLE: taken})
-                    profile.add(late, samples)
+            beat = self._beat
+            if beat.seq != seen:  # a beat ran: close the episode it ended
+                seen = beat.seq
+                if beat.late >= self.threshold_s:
+                    profile.add(beat.late, classify(beat, samples))
                 samples = Counter()
             now = time.monotonic()
-            due = at + self.beat_s + SAMPLE_INTERVAL_S
+            due = beat.at + self.beat_s + SAMPLE_INTERVAL_S
             if now < due:
                 self._stop.wait(due - now)
                 continue
-            if not samples:
-                cpu, since = self._loop_cpu(), now
             frame = sys._current_frames().get(self.loop_thread)
             stack = _stack(frame)
             samples[IDLE if self._idle(stack) else tuple(stack)] += 1
             del frame
             self._stop.wait(SAMPLE_INTERVAL_S)
-        seq, _, late = self._beat
-        if seq != seen and late >= self.threshold_s:  # a stall that ended with the run
-            profile.add(late, samples)
+        beat = self._beat
+        if beat.seq != seen and beat.late >= self.threshold_s:  # a stall that ended with the run
+            profile.add(beat.late, classify(beat, samples))
 
     async def run(self, seconds: float) -> BlockProfile:
         loop = asyncio.get_running_loop()
         profile = BlockProfile(seconds, self.threshold_s, self.beat_s)
-        self._beat = (0, time.monotonic(), 0.0)
+        self._schedstat = _open_schedstat()  # the loop thread's: opened on the loop
+        self._mark()
+        self._beat = Beat(0, time.monotonic(), 0.0, 0.0, None, 0.0)
+        gc.callbacks.append(self._on_gc)
         start = loop.time()
         handle = loop.call_at(start + self.beat_s, self._on_beat, loop, start + self.beat_s)
         watchdog = threading.Thread(
@@ -237,4 +308,8 @@ class BlockProfiler:
             self._stop.set()
             handle.cancel()
             await asyncio.to_thread(watchdog.join)
+            gc.callbacks.remove(self._on_gc)
+            if self._schedstat is not None:
+                os.close(self._schedstat)
+                self._schedstat = None
         return profile

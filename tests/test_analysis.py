@@ -215,6 +215,19 @@ def test_recommendations_name_a_saturated_sidecar():
     assert "Nothing is wrong" not in markdown(found, summary)
 
 
+def test_recommendations_tell_the_collector_from_code():
+    stack = {"stalls": 4, "samples": 4, "blocked_ms": 400.0, "max_stall_ms": 110.0}
+    gc_held = {**stack, "idle": False, "gc": True,
+               "frames": ["garbage collection held the loop"]}  # fmt: skip
+    code = {**stack, "idle": False, "gc": False, "frames": ["handler (app.py:3)"]}
+    found = findings(_calm_summary(block={"stacks": [gc_held, code]}), [], None)
+    titles = [f.title for f in found if f.problem]
+    assert titles == [
+        "the garbage collector held the loop 400 ms",
+        "loop blocked 400 ms in handler (app.py:3)",
+    ]
+
+
 def test_what_clients_and_targets_put_in_names_stays_text():
     """Route labels come from clients' paths, function names and figures from the
     target: in the plots, RECOMMENDATIONS.md and the report they stay text."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
+from collections import Counter
 
 import aiohttp
 import pytest
 
-from sidecar.blockprof import not_scheduled
+from sidecar.blockprof import GC, IDLE, Beat, Stack, classify, not_scheduled
 from sidecar.record import TimingRecord
 
 from .process import spawn_sidecar
@@ -25,11 +27,18 @@ class BlockingObserver:
 
     def __init__(self) -> None:
         self.blocked = 0
+        self.collected = 0
+        self.heap: list[list[int]] = []
 
     def observe(self, record: TimingRecord) -> None:
         if record.route.startswith("/echo/block"):
             self.blocked += 1
             time.sleep(0.1)
+        elif record.route.startswith("/echo/gc"):
+            # a full collection over a large heap (`heap`): tens of ms with the loop
+            # held, the time spent in the collector, not in this function
+            self.collected += 1
+            gc.collect()
 
 
 @pytest.fixture
@@ -97,8 +106,28 @@ async def test_a_healthy_loop_shows_no_blocked_stack(profiled):
     doc = await _profile_under(client, prof, base, "/echo/fine", threshold_ms=100)
     assert blocker.blocked == 0
     # nothing in the sidecar held the loop; a stall the OS caused (process not
-    # scheduled on a busy machine) shows as idle, never as a code stack
-    assert [s for s in doc["stacks"] if not s["idle"]] == []
+    # scheduled on a busy machine) shows as idle, one the garbage collector caused
+    # (the test process's heap is large) as the collector: never as a code stack
+    assert [s for s in doc["stacks"] if not (s["idle"] or s["gc"])] == []
+
+
+async def test_a_stall_in_the_garbage_collector_is_named_as_such(profiled):
+    sc, blocker, client, prof = profiled
+    base = f"http://127.0.0.1:{sc.proxy_port}"
+    blocker.heap = [[] for _ in range(1_500_000)]  # ~45 ms a full collection
+    doc = await _profile_under(client, prof, base, "/echo/gc", pause=0.2, workers=1)
+    blocker.heap = []
+    assert blocker.collected >= 3
+    assert doc["stalls"] >= 3, doc
+    top = doc["stacks"][0]
+    assert top["gc"] and not top["idle"], doc["stacks"]
+    assert top["frames"] == ["garbage collection held the loop"]
+    # the collections are the stalls: none of them is blamed on the observer
+    assert not any("observe (" in f for s in doc["stacks"] for f in s["frames"]), doc
+    async with client.get(
+        f"{prof}/debug/pprof/block?seconds=0.5&threshold_ms=20", headers=AUTH
+    ) as r:
+        assert r.status == 200
 
 
 async def test_block_profile_needs_the_token_and_runs_one_at_a_time(profiled):
@@ -171,9 +200,31 @@ async def test_stalls_the_os_caused_are_not_blamed_on_code(upstream):
 
 
 def test_the_not_scheduled_rule():
-    # 100 ms stall, 90 ms watched (50 samples due): the process was stopped
-    assert not_scheduled(0.1, cpu_s=0.002, taken=2, watched_s=0.09)
+    # a 100 ms stall (50 samples due): the process was stopped
+    assert not_scheduled(0.1, cpu_s=0.002, taken=2)
+    # ... even when the watchdog itself only woke at the end of it
+    assert not_scheduled(0.107, cpu_s=0.003, taken=1)
     # code blocked in a system call (time.sleep): no CPU, but the watchdog sampled freely
-    assert not not_scheduled(0.1, cpu_s=0.001, taken=40, watched_s=0.09)
+    assert not not_scheduled(0.1, cpu_s=0.001, taken=40)
     # CPU-bound code (it holds the GIL: few samples): the CPU time says it ran
-    assert not not_scheduled(0.1, cpu_s=0.095, taken=3, watched_s=0.09)
+    assert not not_scheduled(0.1, cpu_s=0.095, taken=3)
+    # the loop thread waited for a CPU most of the stall (schedstat): not scheduled,
+    # though it ran some code in between
+    assert not_scheduled(0.1, cpu_s=0.06, taken=3, wait_s=0.06)
+    assert not not_scheduled(0.1, cpu_s=0.06, taken=3, wait_s=0.01)
+
+
+def test_a_stall_is_given_to_the_collector_or_the_scheduler_when_it_was_theirs():
+    code: Stack = (("app.py", 1, "handler"),)
+    seen: Counter[Stack] = Counter({code: 2})
+
+    def beat(**kw: float | None) -> Beat:
+        fields = {"cpu_s": 0.1, "wait_s": 0.0, "gc_s": 0.0} | kw
+        return Beat(seq=1, at=0.0, late=0.1, **fields)  # type: ignore[arg-type]
+
+    assert classify(beat(), seen) == seen  # CPU-bound code: blamed
+    assert classify(beat(gc_s=0.08), seen) == Counter({GC: 2})
+    assert classify(beat(gc_s=0.08), Counter()) == Counter({GC: 1})  # GIL held: unsampled
+    assert classify(beat(gc_s=0.02), seen) == seen
+    assert classify(beat(wait_s=0.07), seen) == Counter({IDLE: 2})
+    assert classify(beat(wait_s=0.07), Counter()) == Counter()  # unsampled stays unsampled

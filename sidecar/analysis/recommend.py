@@ -125,6 +125,18 @@ def findings(
         if st["idle"]:
             idle_ms += st["blocked_ms"]
             continue
+        if st.get("gc"):
+            if st["blocked_ms"] >= NOTED_MS:
+                out.append(
+                    Finding(
+                        st["blocked_ms"] >= BLOCKED_MS,
+                        f"the garbage collector held the loop {st['blocked_ms']:.0f} ms",
+                        f"{st['stalls']} collections over {block.get('threshold_ms', 20):g} "
+                        f"ms, longest {st['max_stall_ms']:.0f} ms: fewer objects kept alive "
+                        "(large caches, buffered bodies) make full collections shorter",
+                    )
+                )
+            continue
         if st["blocked_ms"] >= NOTED_MS:
             out.append(
                 Finding(
