@@ -5,23 +5,28 @@ Python's counterpart of Go's block profile. Two parts, both only while a profile
 - a heartbeat on the loop: a timer every `threshold / 4` that stamps when it ran and
   how late (a loop that is held cannot run its timers, so the lateness of the beat is
   the time it was held, within one beat period below the truth); each beat also notes
-  what the loop thread did since the previous beat: its CPU time, its time waiting
-  for a CPU (Linux schedstat), and the time the garbage collector ran in it;
+  what happened since the previous one: the loop thread's CPU time and its time
+  runnable but waiting for a CPU (Linux schedstat), and the garbage collector's CPU
+  time (`gc.callbacks`, any thread: a collection holds the GIL, so the loop too);
 - a watchdog thread that sleeps until the next beat is due and, while a beat is
   overdue, samples the loop thread's Python stack (`sys._current_frames()`) every
   `SAMPLE_INTERVAL_S`. When the late beat finally runs and was later than the
   threshold, the stall is recorded and its time is shared out between the stacks
   sampled during it.
 
-Not every stall is code's doing, and those that are not are named for what they are:
+Not every stall is code's doing, and those that are not are given, whole, to what
+held the loop (`owner`), whatever the samples show:
 
-- the garbage collector ran for at least half of it: the stall goes to `GC` (the
-  stack the samples show only allocated the object that triggered the collection);
-- the process was not given the CPU for most of it (a busy node, CPU throttling, a
-  stopped process): the loop thread waited at least half of the stall for a CPU, or
-  used less than half of it in CPU time while the watchdog, which wakes every
-  `SAMPLE_INTERVAL_S`, got less than a quarter of its samples; the stall goes to
-  `IDLE`, whatever code the few samples show (that is only where the loop was paused);
+- the collector used at least the threshold in CPU time since the previous beat: it
+  alone held the loop that long, and the stall is its (`GC`) — however long a busy
+  node stretched it. A collection's stack shows only the code that allocated the
+  object that set it off;
+- the collector and the wait for a CPU took at least half of the time since the
+  previous beat: the stall is the collector's or the scheduler's (`IDLE`), whichever
+  took more;
+- the loop thread used less than half of that time in CPU and the watchdog, which
+  wakes every `SAMPLE_INTERVAL_S`, got less than a quarter of its samples: the process
+  was stopped or starved (`IDLE`); the few samples show only where the loop was paused;
 - samples that show the loop waiting in the selector (or no frame above the loop
   itself) are `IDLE` too.
 
@@ -47,10 +52,9 @@ IDLE: Stack = (("<loop>", 0, "loop idle: process not scheduled or GIL held elsew
 GC: Stack = (("<gc>", 0, "garbage collection held the loop"),)
 SAMPLE_INTERVAL_S = 0.002
 MIN_BEAT_S = 0.002
-NOT_SCHEDULED_CPU = 0.5  # the loop thread's CPU time under this share of the stall ...
+NOT_CODE_SHARE = 0.5  # the collector and the wait for a CPU took this share: not code
+NOT_SCHEDULED_CPU = 0.5  # the loop thread's CPU time under this share of the time ...
 NOT_SCHEDULED_SAMPLES = 0.25  # ... and fewer samples than this share of those due
-NOT_SCHEDULED_WAIT = 0.5  # or: the loop thread waited for a CPU this share of the stall
-GC_SHARE = 0.5  # the collector ran this share of the stall: the stall is the collector's
 
 
 @dataclass(frozen=True)
@@ -60,30 +64,25 @@ class Beat:
     seq: int
     at: float  # time.monotonic() when it ran
     late: float  # how much later than due it ran: the stall, if over the threshold
-    cpu_s: float  # the loop thread's CPU time since the previous beat
+    span: float  # time since the previous beat (a beat period plus ``late``)
+    cpu_s: float  # the loop thread's CPU time in ``span``
     wait_s: float | None  # its time runnable but waiting for a CPU (None: unknown)
-    gc_s: float  # time the garbage collector ran in it
+    gc_s: float  # CPU time of the garbage collector (in any thread: it holds the GIL)
 
 
-def not_scheduled(stall_s: float, cpu_s: float, taken: int, wait_s: float | None = None) -> bool:
-    """Was the process not given the CPU for most of a stall of ``stall_s``? Since the
-    stall began, the loop thread used ``cpu_s`` of CPU and waited ``wait_s`` for one;
-    the watchdog took ``taken`` samples (module docstring)."""
-    if wait_s is not None and wait_s >= NOT_SCHEDULED_WAIT * stall_s:
-        return True
-    due = stall_s / SAMPLE_INTERVAL_S
-    return cpu_s < NOT_SCHEDULED_CPU * stall_s and taken < NOT_SCHEDULED_SAMPLES * due
-
-
-def classify(beat: Beat, samples: Counter[Stack]) -> Counter[Stack]:
-    """The samples of the stall ``beat`` ended, with the stall given to the collector
-    or to the scheduler when it was theirs (module docstring)."""
-    taken = max(1, sum(samples.values()))
-    if beat.gc_s >= GC_SHARE * beat.late:
-        return Counter({GC: taken})
-    if samples and not_scheduled(beat.late, beat.cpu_s, taken, beat.wait_s):
-        return Counter({IDLE: taken})
-    return samples
+def owner(beat: Beat, taken: int, threshold_s: float) -> Stack | None:
+    """Who held the loop through the stall ``beat`` ended, when it was not code: the
+    collector (`GC`) or the scheduler (`IDLE`); None when it was code, which the
+    ``taken`` samples name (module docstring)."""
+    span, gc_s, wait_s = beat.span, beat.gc_s, beat.wait_s or 0.0
+    if gc_s >= threshold_s:  # the collector alone held the loop past the threshold
+        return GC
+    if gc_s + wait_s >= NOT_CODE_SHARE * span:
+        return GC if gc_s >= wait_s else IDLE
+    due = beat.late / SAMPLE_INTERVAL_S
+    if beat.cpu_s < NOT_SCHEDULED_CPU * span and taken < NOT_SCHEDULED_SAMPLES * due:
+        return IDLE  # neither running nor sampled: the process was stopped or starved
+    return None
 
 
 def _run_delay(fd: int | None) -> float | None:
@@ -133,19 +132,23 @@ class BlockProfile:
     unsampled_stalls: int = 0  # stalls too short for the watchdog to see the stack
     stacks: dict[Stack, StackStat] = field(default_factory=dict)
 
-    def add(self, stall_s: float, samples: Counter[Stack]) -> None:
+    def add(self, stall_s: float, samples: Counter[Stack], held_by: Stack | None = None) -> None:
+        """A stall and the stacks sampled during it; ``held_by`` (the collector, the
+        scheduler) takes the whole stall whatever the samples show."""
         self.stalls += 1
         self.blocked_s += stall_s
         self.max_stall_s = max(self.max_stall_s, stall_s)
         total = sum(samples.values())
-        if not total:
+        if held_by is not None:
+            samples = Counter({held_by: total})
+        elif not total:
             self.unsampled_stalls += 1
             return
         for stack, n in samples.items():
             stat = self.stacks.setdefault(stack, StackStat())
             stat.stalls += 1
             stat.samples += n
-            stat.blocked_s += stall_s * n / total
+            stat.blocked_s += stall_s * n / total if total else stall_s
             stat.max_stall_s = max(stat.max_stall_s, stall_s)
 
     def ranked(self) -> list[tuple[Stack, StackStat]]:
@@ -210,29 +213,29 @@ class BlockProfiler:
         self.beat_s = max(MIN_BEAT_S, threshold_s / 4)
         # the last beat: replaced as a whole by the loop, read by the watchdog (an
         # attribute assignment is atomic)
-        self._beat = Beat(0, time.monotonic(), 0.0, 0.0, None, 0.0)
+        self._beat = Beat(0, time.monotonic(), 0.0, 0.0, 0.0, None, 0.0)
+        self._handle: asyncio.TimerHandle | None = None  # the next beat
         self._idle_base: tuple[Frame, ...] = ()
         self._stop = threading.Event()
         # the loop thread's clocks at the last beat: CPU, waiting for a CPU, collector
         self._schedstat: int | None = None
         self._cpu = 0.0
         self._wait: float | None = None
-        self._gc_total = 0.0
+        self._gc_total = 0.0  # the collector's CPU time, any thread (one runs at a time)
         self._gc_at = 0.0
-        self._gc_began: float | None = None
+        self._gc_began = 0.0
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if threading.get_ident() != self.loop_thread:
-            return
+        # the CPU clock of the collecting thread: a collection the OS paused (a stopped
+        # or throttled process) does not count the pause
         if phase == "start":
-            self._gc_began = time.monotonic()
-        elif self._gc_began is not None:
-            self._gc_total += time.monotonic() - self._gc_began
-            self._gc_began = None
+            self._gc_began = time.thread_time()
+        else:
+            self._gc_total += max(0.0, time.thread_time() - self._gc_began)
 
     def _mark(self) -> tuple[float, float | None, float]:
         """Since the last call (in the loop thread): its CPU time, its wait for a CPU,
-        the collector's time in it."""
+        the collector's CPU time."""
         cpu, wait, gc_total = time.thread_time(), _run_delay(self._schedstat), self._gc_total
         spent = (
             cpu - self._cpu,
@@ -249,11 +252,10 @@ class BlockProfiler:
             # them is the loop waiting for I/O, not code holding it
             self._idle_base = tuple(_stack(sys._getframe(1)))
         cpu, wait, gc_s = self._mark()
-        self._beat = Beat(
-            self._beat.seq + 1, time.monotonic(), max(0.0, now - expected), cpu, wait, gc_s
-        )
+        at, last = time.monotonic(), self._beat
+        self._beat = Beat(last.seq + 1, at, max(0.0, now - expected), at - last.at, cpu, wait, gc_s)
         if not self._stop.is_set():
-            loop.call_at(now + self.beat_s, self._on_beat, loop, now + self.beat_s)
+            self._handle = loop.call_at(now + self.beat_s, self._on_beat, loop, now + self.beat_s)
 
     def _idle(self, stack: list[Frame]) -> bool:
         if not stack:
@@ -265,6 +267,10 @@ class BlockProfiler:
         base = self._idle_base
         return bool(base) and len(stack) <= len(base) and tuple(stack) == base[: len(stack)]
 
+    def _close(self, profile: BlockProfile, beat: Beat, samples: Counter[Stack]) -> None:
+        if beat.late >= self.threshold_s:
+            profile.add(beat.late, samples, owner(beat, sum(samples.values()), self.threshold_s))
+
     def _watch(self, profile: BlockProfile) -> None:
         samples: Counter[Stack] = Counter()
         seen = self._beat.seq
@@ -272,8 +278,7 @@ class BlockProfiler:
             beat = self._beat
             if beat.seq != seen:  # a beat ran: close the episode it ended
                 seen = beat.seq
-                if beat.late >= self.threshold_s:
-                    profile.add(beat.late, classify(beat, samples))
+                self._close(profile, beat, samples)
                 samples = Counter()
             now = time.monotonic()
             due = beat.at + self.beat_s + SAMPLE_INTERVAL_S
@@ -282,34 +287,39 @@ class BlockProfiler:
                 continue
             frame = sys._current_frames().get(self.loop_thread)
             stack = _stack(frame)
-            samples[IDLE if self._idle(stack) else tuple(stack)] += 1
             del frame
+            if self._beat.seq == beat.seq:  # else the stall ended meanwhile: not in it
+                samples[IDLE if self._idle(stack) else tuple(stack)] += 1
             self._stop.wait(SAMPLE_INTERVAL_S)
-        beat = self._beat
-        if beat.seq != seen and beat.late >= self.threshold_s:  # a stall that ended with the run
-            profile.add(beat.late, classify(beat, samples))
+        if self._beat.seq != seen:  # a stall that ended with the run
+            self._close(profile, self._beat, samples)
 
     async def run(self, seconds: float) -> BlockProfile:
         loop = asyncio.get_running_loop()
         profile = BlockProfile(seconds, self.threshold_s, self.beat_s)
-        self._schedstat = _open_schedstat()  # the loop thread's: opened on the loop
-        self._mark()
-        self._beat = Beat(0, time.monotonic(), 0.0, 0.0, None, 0.0)
-        gc.callbacks.append(self._on_gc)
-        start = loop.time()
-        handle = loop.call_at(start + self.beat_s, self._on_beat, loop, start + self.beat_s)
         watchdog = threading.Thread(
             target=self._watch, args=(profile,), name="block-profile", daemon=True
         )
-        watchdog.start()
+        self._schedstat = _open_schedstat()  # the loop thread's: opened on the loop
+        gc.callbacks.append(self._on_gc)
         try:
+            self._mark()
+            self._beat = Beat(0, time.monotonic(), 0.0, 0.0, 0.0, None, 0.0)
+            start = loop.time()
+            self._handle = loop.call_at(
+                start + self.beat_s, self._on_beat, loop, start + self.beat_s
+            )
+            watchdog.start()
             await asyncio.sleep(seconds)
         finally:
+            # released before the join, which a second cancellation may cut short
             self._stop.set()
-            handle.cancel()
-            await asyncio.to_thread(watchdog.join)
+            if self._handle is not None:
+                self._handle.cancel()
             gc.callbacks.remove(self._on_gc)
             if self._schedstat is not None:
                 os.close(self._schedstat)
                 self._schedstat = None
+            if watchdog.ident is not None:
+                await asyncio.to_thread(watchdog.join)
         return profile

@@ -101,7 +101,8 @@ def findings(
     block = summary.get("block") or {}
     stacks = block.get("stacks", [])
     idle_total = sum(st["blocked_ms"] for st in stacks if st["idle"])
-    code_total = sum(st["blocked_ms"] for st in stacks if not st["idle"])
+    gc_total = sum(st["blocked_ms"] for st in stacks if st.get("gc"))
+    code_total = sum(st["blocked_ms"] for st in stacks if not st["idle"]) - gc_total
     if sc.get("loop_lag_max_ms", 0) >= LOOP_LAG_MS:
         starved = idle_total > code_total
         out.append(
@@ -116,7 +117,8 @@ def findings(
                 ),
                 "event_loop_lag_max_1m_ms in /stats; requests waited that long before the "
                 f"sidecar could read or forward them; block profile: {code_total:.0f} ms held "
-                f"by code, {idle_total:.0f} ms stalled with no code running",
+                f"by code, {gc_total:.0f} ms by the garbage collector, {idle_total:.0f} ms "
+                "stalled with no code running",
             )
         )
 
